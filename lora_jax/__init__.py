@@ -1,0 +1,22 @@
+"""lora_jax: LoRA and DoRA adapters for JAX/Flax, built for TPU fine-tuning."""
+
+from lora_jax.config import AdapterSpec, LoRAConfig
+from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
+from lora_jax.tree import combine, count, merge, optimizer, partition, split, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "LoRAConfig",
+    "LoRADense",
+    "LoRADenseGeneral",
+    "LoRAEinsum",
+    "combine",
+    "count",
+    "merge",
+    "optimizer",
+    "partition",
+    "split",
+    "summary",
+]

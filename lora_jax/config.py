@@ -1,0 +1,302 @@
+"""`LoRAConfig`: which layers get adapters, with which rank and scale.
+
+Paths are the `/`-joined names of flax modules or params, e.g.
+`layers_0/self_attn/q_proj` or `layers_0/self_attn/q_proj/kernel`. Rules are
+matched against them in two ways:
+
+* a regex given as `targets` or `exclude` must match the whole path (like
+  PEFT's `target_modules` given as a string);
+* names (a list for `targets`/`exclude`) and the keys of `rank_pattern`,
+  `alpha_pattern` and `trainable` match a trailing run of path components:
+  `q_proj` matches `layers_0/self_attn/q_proj` but not `layers_0/my_q_proj`.
+  The keys of the patterns and `trainable` are regexes; names are literal.
+
+For patterns the first matching entry wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import yaml
+
+ALL_LINEAR = "all-linear"
+A_INITS = ("kaiming_uniform", "gaussian")
+# Output heads that 'all-linear' leaves alone (PEFT does the same).
+HEAD_NAMES = ("lm_head", "head", "classifier", "score")
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+  raise ValueError(f"LoRA {field}={value!r}: {why}")
+
+
+def _check_rank(rank: Any, field: str = "rank") -> int:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    _fail(field, rank, "must be an integer >= 1")
+  return int(rank)
+
+
+def _check_alpha(alpha: Any, field: str = "alpha") -> float:
+  if (
+      isinstance(alpha, bool)
+      or not isinstance(alpha, (int, float, np.number))
+      or not math.isfinite(alpha)
+      or alpha <= 0
+  ):
+    _fail(field, alpha, "must be a finite number > 0")
+  return float(alpha)
+
+
+def _check_dtype(dtype: Any, field: str = "lora_dtype") -> str:
+  try:
+    name = np.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in ("float32", "bfloat16", "float16", "float64"):
+    _fail(field, dtype, "must be a floating dtype such as 'float32' or 'bfloat16'")
+  return name
+
+
+def _compile(pattern: Any, field: str) -> str:
+  if not isinstance(pattern, str) or not pattern:
+    _fail(field, pattern, "must be a non-empty string")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    _fail(field, pattern, f"is not a valid regular expression ({e})")
+  return pattern
+
+
+def _matches_suffix(pattern: str, path: str) -> bool:
+  """Whether regex `pattern` matches a trailing run of `path`'s components."""
+  return re.fullmatch(f"(?:.*/)?(?:{pattern})", path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+  """The adapter settings of one layer, validated.
+
+  Attributes:
+    rank: r, the inner dimension of A (fan_in, r) and B (r, fan_out).
+    alpha: the scale numerator: the update is (alpha / r) * x @ A @ B.
+    use_rslora: scale by alpha / sqrt(r) instead (rank-stabilised LoRA).
+    dropout_rate: dropout on the adapter's input only.
+    a_init: 'kaiming_uniform' (PEFT's default) or 'gaussian' (std 1/r).
+    use_dora: learn a per-output-feature magnitude as in DoRA.
+    lora_dtype: dtype of the adapter params.
+  """
+
+  rank: int = 8
+  alpha: float = 8.0
+  use_rslora: bool = False
+  dropout_rate: float = 0.0
+  a_init: str = "kaiming_uniform"
+  use_dora: bool = False
+  lora_dtype: str = "float32"
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("rank", _check_rank(self.rank))
+    set_("alpha", _check_alpha(self.alpha))
+    rate = self.dropout_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)) or not 0 <= rate < 1:
+      _fail("dropout_rate", rate, "must be a number in [0, 1)")
+    set_("dropout_rate", float(rate))
+    if self.a_init not in A_INITS:
+      _fail("a_init", self.a_init, f"must be one of {A_INITS}")
+    for flag in ("use_rslora", "use_dora"):
+      if not isinstance(getattr(self, flag), (bool, np.bool_)):
+        _fail(flag, getattr(self, flag), "must be True or False")
+    set_("lora_dtype", _check_dtype(self.lora_dtype))
+
+  @property
+  def scale(self) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _rules(value: Any, field: str, regex: bool = True) -> tuple[str, ...]:
+  if isinstance(value, str):
+    value = (value,)
+  if not isinstance(value, Iterable):
+    _fail(field, value, "must be a string or a list of strings")
+  out = tuple(value)
+  for v in out:
+    if not isinstance(v, str) or not v:
+      _fail(field, v, "must be a non-empty string")
+  return tuple(_compile(v, field) for v in out) if regex else out
+
+
+def _pattern(value: Any, field: str, check) -> tuple[tuple[str, Any], ...]:
+  items = value.items() if isinstance(value, Mapping) else value
+  try:
+    pairs = [(k, v) for k, v in items]
+  except (TypeError, ValueError):
+    _fail(field, value, "must map regexes to values")
+  return tuple((_compile(k, field), check(v, f"{field}[{k!r}]")) for k, v in pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """What to adapt and how; immutable, hashable, and serialisable.
+
+  Attributes:
+    rank: default adapter rank r.
+    alpha: default scale numerator (PEFT's `lora_alpha`).
+    targets: `'all-linear'` (every linear layer but output heads), a regex
+      matched against the whole module path, or a list of module names.
+    exclude: layers never adapted, in the same forms as `targets`; checked
+      first.
+    dropout_rate: dropout on the adapter input (PEFT's `lora_dropout`).
+    use_rslora: scale by alpha / sqrt(r).
+    use_dora: DoRA magnitude vectors.
+    a_init: 'kaiming_uniform' or 'gaussian'.
+    rank_pattern: regex -> rank overrides, first match wins. Stored as a
+      tuple of pairs; a dict is accepted.
+    alpha_pattern: regex -> alpha overrides, first match wins.
+    trainable: regexes of other params that train fully (PEFT's
+      `modules_to_save`, e.g. a classifier head).
+    lora_dtype: dtype of the adapter params.
+
+  Example:
+    >>> config = LoRAConfig(rank=16, alpha=32, rank_pattern={'v_proj': 4})
+    >>> config.scale('layers_0/self_attn/q_proj'), config.scale('layers_0/self_attn/v_proj')
+    (2.0, 8.0)
+  """
+
+  rank: int = 8
+  alpha: float = 8.0
+  targets: str | tuple[str, ...] = ALL_LINEAR
+  exclude: str | tuple[str, ...] = ()
+  dropout_rate: float = 0.0
+  use_rslora: bool = False
+  use_dora: bool = False
+  a_init: str = "kaiming_uniform"
+  rank_pattern: tuple[tuple[str, int], ...] = ()
+  alpha_pattern: tuple[tuple[str, float], ...] = ()
+  trainable: tuple[str, ...] = ()
+  lora_dtype: str = "float32"
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    spec = AdapterSpec(  # validates the per-layer fields
+        rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora,
+        dropout_rate=self.dropout_rate, a_init=self.a_init,
+        use_dora=self.use_dora, lora_dtype=self.lora_dtype)
+    for f in dataclasses.fields(AdapterSpec):
+      set_(f.name, getattr(spec, f.name))
+    for field in ("targets", "exclude"):
+      value = getattr(self, field)
+      if isinstance(value, str):
+        set_(field, _compile(value, field))
+      else:
+        set_(field, _rules(value, field, regex=False))
+    if self.targets == ():
+      _fail("targets", self.targets, "is empty: name at least one layer")
+    set_("rank_pattern", _pattern(self.rank_pattern, "rank_pattern", _check_rank))
+    set_("alpha_pattern", _pattern(self.alpha_pattern, "alpha_pattern", _check_alpha))
+    set_("trainable", _rules(self.trainable, "trainable"))
+
+  # --- path rules -----------------------------------------------------------
+
+  def selects(self, path: str) -> bool:
+    """Whether the linear layer at module `path` gets an adapter."""
+    if _rule_matches(self.exclude, path):
+      return False
+    if self.targets == ALL_LINEAR:
+      return path.rsplit("/", 1)[-1] not in HEAD_NAMES
+    return _rule_matches(self.targets, path)
+
+  def rank_for(self, path: str) -> int:
+    """The rank of the layer at module `path` (`rank_pattern`, else `rank`)."""
+    return next((v for k, v in self.rank_pattern if _matches_suffix(k, path)), self.rank)
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha of the layer at module `path` (`alpha_pattern`, else `alpha`)."""
+    return next((v for k, v in self.alpha_pattern if _matches_suffix(k, path)), self.alpha)
+
+  def adapter_for(self, path: str) -> AdapterSpec:
+    """The full adapter settings of the layer at module `path`."""
+    return AdapterSpec(
+        rank=self.rank_for(path), alpha=self.alpha_for(path),
+        use_rslora=self.use_rslora, dropout_rate=self.dropout_rate,
+        a_init=self.a_init, use_dora=self.use_dora, lora_dtype=self.lora_dtype)
+
+  def scale(self, path: str) -> float:
+    """The adapter scale of the layer at module `path`, patterns resolved."""
+    return self.adapter_for(path).scale
+
+  def is_trainable(self, param_path: str) -> bool:
+    """Whether a non-adapter param (e.g. `classifier/kernel`) trains fully."""
+    module_path = param_path.rpartition("/")[0]
+    return any(
+        _matches_suffix(p, param_path) or (module_path and _matches_suffix(p, module_path))
+        for p in self.trainable)
+
+  # --- serialisation --------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """A plain dict (JSON/YAML friendly) that `from_dict` turns back."""
+    out = dataclasses.asdict(self)
+    for field in ("targets", "exclude", "trainable"):
+      if isinstance(out[field], tuple):
+        out[field] = list(out[field])
+    out["rank_pattern"] = dict(self.rank_pattern)
+    out["alpha_pattern"] = dict(self.alpha_pattern)
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
+    """Builds a config; an unknown key raises `ValueError` naming it."""
+    if not isinstance(data, Mapping):
+      raise ValueError(f"LoRA config must be a mapping, got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+      if key not in known:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
+        raise ValueError(f"unknown LoRA config key {key!r}{hint}")
+    return cls(**data)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> LoRAConfig:
+    return cls.from_dict(json.loads(text))
+
+  def to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+  @classmethod
+  def from_yaml(cls, text: str) -> LoRAConfig:
+    return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _rule_matches(rule: str | tuple[str, ...], path: str) -> bool:
+  if isinstance(rule, str):  # a regex over the whole path
+    return re.fullmatch(rule, path) is not None
+  return any(_matches_suffix(re.escape(name), path) for name in rule)
+
+
+def join_path(keys: Iterable[Any]) -> str:
+  """The `/`-joined path of a pytree key path (dict keys and indices)."""
+  parts = []
+  for k in keys:
+    if hasattr(k, "key"):  # DictKey
+      parts.append(str(k.key))
+    elif hasattr(k, "idx"):  # SequenceKey
+      parts.append(str(k.idx))
+    elif hasattr(k, "name"):  # GetAttrKey: metadata boxes hold their value here
+      continue
+    else:
+      parts.append(str(k))
+  return "/".join(parts)

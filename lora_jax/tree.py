@@ -1,0 +1,268 @@
+"""Pure functions on param trees: labels for optax, split/combine, counts, merge.
+
+Adapter leaves are recognised by name (`lora_a`, `lora_b`, `lora_magnitude`)
+wherever they sit, so these functions work on a bare `params` dict, on
+`{'params': ...}` variables, on stacked (`nn.scan`) trees and on trees of
+`jax.ShapeDtypeStruct`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
+from lora_jax.layers import merged_kernel
+
+LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
+
+
+def _label(path: str, config: LoRAConfig | None) -> str:
+  if path.rsplit("/", 1)[-1] in ADAPTER_LEAVES:
+    return LORA
+  if config is not None and config.is_trainable(path):
+    return TRAINABLE
+  return FROZEN
+
+
+def partition(params: Any, config: LoRAConfig | None = None) -> Any:
+  """Labels every leaf `'lora'`, `'trainable'` or `'frozen'`.
+
+  Args:
+    params: a param tree.
+    config: gives the `trainable` rules; without it nothing but adapters trains.
+
+  Returns:
+    A tree with exactly the structure of `params`, for `optax.partition`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> partition({'dense': {'kernel': jnp.ones((2, 2)), 'lora_a': jnp.ones((2, 1))}})
+    {'dense': {'kernel': 'frozen', 'lora_a': 'lora'}}
+  """
+  return jax.tree_util.tree_map_with_path(lambda kp, _: _label(join_path(kp), config), params)
+
+
+def optimizer(
+    tx: optax.GradientTransformation,
+    params: Any,
+    config: LoRAConfig | None = None,
+    lora_plus_ratio: float | None = None,
+) -> optax.GradientTransformation:
+  """`tx` for the adapters (and `trainable` params), zero updates elsewhere.
+
+  Frozen leaves get `optax.set_to_zero()` and so no optimizer state.
+
+  Args:
+    tx: the optimizer for the trained leaves, e.g. `optax.adamw(1e-4)`.
+    params: the param tree the optimizer will see; it must hold adapters.
+    config: gives the `trainable` rules.
+    lora_plus_ratio: LoRA+ (Hayou et al. 2024): B's learning rate is this many
+      times A's (the paper suggests 16). Done by scaling B's updates, which for
+      Adam-family optimizers (decoupled weight decay included) is the same.
+
+  Returns:
+    An `optax.partition` transformation.
+  """
+  labels = jax.tree.leaves(partition(params, config))
+  if LORA not in labels and TRAINABLE not in labels:
+    raise ValueError(
+        "params hold no adapter leaves (lora_a/lora_b/lora_magnitude) and no trainable "
+        "leaves: the optimizer would train nothing. Initialise a LoRA model (or inject "
+        "LoRA) before building the optimizer.")
+  if lora_plus_ratio is not None and not (
+      isinstance(lora_plus_ratio, (int, float)) and math.isfinite(lora_plus_ratio)
+      and lora_plus_ratio > 0):
+    raise ValueError(f"lora_plus_ratio={lora_plus_ratio!r}: must be a finite number > 0")
+
+  def group(path: str) -> str:
+    label = _label(path, config)
+    if lora_plus_ratio is not None and path.endswith("lora_b"):
+      return "lora_b"
+    return label
+
+  transforms = {LORA: tx, TRAINABLE: tx, FROZEN: optax.set_to_zero()}
+  if lora_plus_ratio is not None:
+    transforms["lora_b"] = optax.chain(tx, optax.scale(float(lora_plus_ratio)))
+  return optax.partition(
+      transforms, lambda tree: jax.tree_util.tree_map_with_path(
+          lambda kp, _: group(join_path(kp)), tree))
+
+
+def _is_adapter(path: str, config: LoRAConfig | None) -> bool:
+  return _label(path, config) != FROZEN
+
+
+def split(params: Mapping, config: LoRAConfig | None = None) -> tuple[dict, dict]:
+  """Splits a param tree into `(adapters, base)`; `combine` is its inverse.
+
+  Args:
+    params: nested mappings of leaves.
+    config: with it, `trainable` params go with the adapters.
+
+  Returns:
+    Two nested dicts holding disjoint leaves; neither holds a dict that the
+    split emptied.
+
+  Example:
+    >>> adapters, base = split({'dense': {'kernel': 1, 'lora_a': 2, 'lora_b': 3}})
+    >>> adapters, base
+    ({'dense': {'lora_a': 2, 'lora_b': 3}}, {'dense': {'kernel': 1}})
+  """
+  def walk(tree: Mapping, prefix: str) -> tuple[dict, dict]:
+    adapters, base = {}, {}
+    for key, value in tree.items():
+      path = f"{prefix}/{key}" if prefix else str(key)
+      if isinstance(value, Mapping):
+        sub_adapters, sub_base = walk(value, path)
+        if sub_adapters:
+          adapters[key] = sub_adapters
+        if sub_base or not value:  # keep dicts that were empty to begin with
+          base[key] = sub_base
+      elif _is_adapter(path, config):
+        adapters[key] = value
+      else:
+        base[key] = value
+    return adapters, base
+
+  if not isinstance(params, Mapping):
+    raise ValueError(f"split expects nested mappings of params, got {type(params).__name__}")
+  return walk(params, "")
+
+
+def combine(adapters: Mapping, base: Mapping) -> dict:
+  """Puts `adapters` back onto `base`: the inverse of `split`.
+
+  Raises:
+    ValueError: naming the path where the two trees hold the same leaf or
+      disagree about what is a dict.
+  """
+  def walk(a: Mapping, b: Mapping, prefix: str) -> dict:
+    out = dict(b)
+    for key, value in a.items():
+      path = f"{prefix}/{key}" if prefix else str(key)
+      if key not in out:
+        out[key] = dict(value) if isinstance(value, Mapping) else value
+      elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
+        out[key] = walk(value, out[key], path)
+      else:
+        raise ValueError(f"combine: both trees hold '{path}'")
+    return out
+
+  return walk(adapters, base, "")
+
+
+def count(params: Any, config: LoRAConfig | None = None) -> dict[str, int]:
+  """Number of parameters per label: `{'lora': n, 'trainable': n, 'frozen': n}`."""
+  totals = {LORA: 0, TRAINABLE: 0, FROZEN: 0}
+  sizes = jax.tree.map(lambda x: math.prod(jnp.shape(x)), params)
+  for label, size in zip(jax.tree.leaves(partition(params, config)), jax.tree.leaves(sizes)):
+    totals[label] += size
+  return totals
+
+
+def summary(params: Any, config: LoRAConfig | None = None) -> None:
+  """Prints trainable vs all parameters, like PEFT's `print_trainable_parameters`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> summary({'kernel': jnp.ones((100, 100)), 'lora_a': jnp.ones((100, 4)),
+    ...          'lora_b': jnp.ones((4, 100))})
+    trainable params: 800 || all params: 10,800 || trainable%: 7.4074
+  """
+  n = count(params, config)
+  trained, total = n[LORA] + n[TRAINABLE], sum(n.values())
+  pct = 100 * trained / total if total else 0.0
+  print(f"trainable params: {trained:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+
+def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool = False) -> dict:
+  """Folds every adapter into its kernel; returns the base model's tree.
+
+  `W' = W + scale * A @ B`, accumulated in float32 and cast once; DoRA:
+  `W' = m * (W + scale*A@B) / ||W + scale*A@B||` per output feature. The
+  result has exactly the structure of the plain model's params.
+
+  `merge` is jittable; donate its input so the unmerged tree is not kept
+  alongside the merged one:
+  `jax.jit(merge, static_argnums=1, donate_argnums=0)(params, config)`.
+
+  Args:
+    params: a tree with adapters.
+    config: the config the adapters were made with (gives each layer's scale).
+    dtype: cast every floating leaf of the result to this dtype (default: each
+      kernel keeps its own dtype).
+    safe: raise `ValueError` naming the layer when a merged kernel is not
+      finite (needs concrete arrays, not tracers).
+
+  Raises:
+    ValueError: when `params` hold no adapter, when an adapter's rank or DoRA
+      disagrees with `config`, or when an adapter does not fit its kernel.
+  """
+  found = []
+
+  def walk(tree: Mapping, prefix: str) -> dict:
+    if "lora_a" in tree or "lora_b" in tree:
+      return merge_layer(tree, prefix)
+    out = {}
+    for key, value in tree.items():
+      path = f"{prefix}/{key}" if prefix else str(key)
+      out[key] = walk(value, path) if isinstance(value, Mapping) else cast(value)
+    return out
+
+  def cast(leaf):
+    value = nn.meta.unbox(leaf)
+    if dtype is None or not jnp.issubdtype(value.dtype, jnp.floating):
+      return leaf
+    return _rebox(leaf, value.astype(dtype))
+
+  def merge_layer(layer: Mapping, path: str) -> dict:
+    missing = [k for k in ("kernel", "lora_a", "lora_b") if k not in layer]
+    if missing:
+      raise ValueError(f"merge: layer '{path}' has adapters but no {', '.join(missing)}")
+    kernel, a, b = (nn.meta.unbox(layer[k]) for k in ("kernel", "lora_a", "lora_b"))
+    magnitude = nn.meta.unbox(layer["lora_magnitude"]) if "lora_magnitude" in layer else None
+    rank = config.rank_for(path)
+    if a.shape[-1] != rank:
+      raise ValueError(
+          f"merge: layer '{path}' has a rank-{a.shape[-1]} adapter but the config gives "
+          f"rank {rank}: pass the config the adapters were trained with")
+    if (magnitude is not None) != config.use_dora:
+      raise ValueError(
+          f"merge: layer '{path}' {'has' if magnitude is not None else 'lacks'} a DoRA "
+          f"magnitude but the config has use_dora={config.use_dora}")
+    try:
+      w = merged_kernel(kernel, a, b, config.scale(path), magnitude)
+    except ValueError as e:
+      raise ValueError(f"merge: layer '{path}': {e}") from None
+    if safe:
+      if isinstance(w, jax.core.Tracer):
+        raise ValueError("merge(safe=True) checks values and cannot run under jit; "
+                         "use safe=False inside jit and check the result outside")
+      if not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"merge: layer '{path}' has non-finite values after merging")
+    found.append(path)
+    out = {k: walk(v, f"{path}/{k}") if isinstance(v, Mapping) else cast(v)
+           for k, v in layer.items() if k not in ADAPTER_LEAVES}
+    out["kernel"] = _rebox(layer["kernel"], w.astype(dtype or kernel.dtype))
+    return out
+
+  if not isinstance(params, Mapping):
+    raise ValueError(f"merge expects nested mappings of params, got {type(params).__name__}")
+  merged = walk(params, "")
+  if not found:
+    raise ValueError("merge: params hold no adapters (lora_a/lora_b): nothing to merge")
+  return merged
+
+
+def _rebox(original: Any, value: jax.Array) -> Any:
+  """`value` in `original`'s metadata box, if it had one."""
+  if isinstance(original, nn.meta.AxisMetadata):
+    return original.replace_boxed(value)
+  return value
