@@ -1,4 +1,9 @@
-"""Test environment: 8 simulated CPU devices and strict numpy semantics."""
+"""Test environment: 8 simulated CPU devices and no implicit rank promotion.
+
+Strict dtype promotion is switched on per test module where the library
+promises it (the layers), not globally: optax itself relies on standard
+promotion.
+"""
 
 import os
 
@@ -10,4 +15,3 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_numpy_dtype_promotion", "strict")

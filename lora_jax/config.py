@@ -267,14 +267,14 @@ class LoRAConfig:
     return cls(**data)
 
   def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    return json.dumps(self.to_dict(), indent=2)  # key order matters: first match wins
 
   @classmethod
   def from_json(cls, text: str) -> LoRAConfig:
     return cls.from_dict(json.loads(text))
 
   def to_yaml(self) -> str:
-    return yaml.safe_dump(self.to_dict(), sort_keys=True)
+    return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
   @classmethod
   def from_yaml(cls, text: str) -> LoRAConfig:

@@ -1,0 +1,262 @@
+"""Param-tree functions: partition, optimizer, split/combine, count, merge."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax as lj
+
+
+class MLP(nn.Module):
+  """A small regression model with LoRA layers and a fully trained head."""
+
+  dense: type = lj.LoRADense
+  use_dora: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kw = {"rank": 4, "alpha": 8.0, "use_dora": self.use_dora} if self.dense is not nn.Dense else {}
+    x = nn.tanh(self.dense(32, name="hidden_0", **kw)(x))
+    x = nn.tanh(self.dense(32, name="hidden_1", **kw)(x))
+    x = nn.LayerNorm(name="norm")(x)
+    return nn.Dense(1, name="head")(x)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return MLP().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+
+
+def _randomize(tree, seed=0, size=0.1):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [l + size * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+
+
+def test_partition_labels_every_leaf(params):
+  labels = lj.partition(params, lj.LoRAConfig(trainable=["head"]))
+  assert jax.tree.structure(labels) == jax.tree.structure(params)
+  assert labels["hidden_0"] == {"kernel": "frozen", "bias": "frozen", "lora_a": "lora",
+                                "lora_b": "lora"}
+  assert labels["head"] == {"kernel": "trainable", "bias": "trainable"}
+  assert labels["norm"] == {"scale": "frozen", "bias": "frozen"}
+  assert lj.partition(params)["head"] == {"kernel": "frozen", "bias": "frozen"}
+
+
+def test_split_combine_are_inverses(params):
+  adapters, base = lj.split(params)
+  assert set(adapters) == {"hidden_0", "hidden_1"}
+  assert all(set(v) == {"lora_a", "lora_b"} for v in adapters.values())
+  assert "lora_a" not in base["hidden_0"] and set(base) == set(params)
+  assert jax.tree.structure(lj.combine(adapters, base)) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(lj.combine(adapters, base)), jax.tree.leaves(params)):
+    assert a is b
+  # With trainable rules the head moves to the adapter side, and back.
+  config = lj.LoRAConfig(trainable=["head"])
+  adapters, base = lj.split(params, config)
+  assert "head" in adapters and "head" not in base
+  assert jax.tree.structure(lj.combine(adapters, base)) == jax.tree.structure(params)
+
+
+def test_split_keeps_empty_dicts_it_did_not_empty():
+  tree = {"a": {}, "b": {"lora_a": 1}, "c": {"kernel": 2, "sub": {"lora_b": 3}}}
+  adapters, base = lj.split(tree)
+  assert adapters == {"b": {"lora_a": 1}, "c": {"sub": {"lora_b": 3}}}
+  assert base == {"a": {}, "c": {"kernel": 2}}
+  assert lj.combine(adapters, base) == tree
+
+
+def test_combine_refuses_conflicts():
+  with pytest.raises(ValueError, match="both trees hold 'x/kernel'"):
+    lj.combine({"x": {"kernel": 1}}, {"x": {"kernel": 2}})
+  with pytest.raises(ValueError, match="both trees hold 'x'"):
+    lj.combine({"x": {"lora_a": 1}}, {"x": 5})
+
+
+def test_count_and_summary(params, capsys):
+  n = lj.count(params)
+  assert n["lora"] == (8 * 4 + 4 * 32) + (32 * 4 + 4 * 32)
+  assert n["frozen"] == (8 * 32 + 32) + (32 * 32 + 32) + 2 * 32 + (32 + 1)
+  assert n["trainable"] == 0
+  assert lj.count(params, lj.LoRAConfig(trainable=["head"]))["trainable"] == 33
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  assert lj.count(abstract) == n
+  lj.summary(params)
+  total = sum(n.values())
+  assert capsys.readouterr().out == (
+      f"trainable params: {n['lora']:,d} || all params: {total:,d} || "
+      f"trainable%: {100 * n['lora'] / total:.4f}\n")
+
+
+def test_optimizer_trains_only_adapters():
+  """50 AdamW steps: frozen leaves bit-identical, every adapter leaf moved, loss down."""
+  model = MLP()
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  y = jnp.sin(x.sum(-1, keepdims=True))
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = lj.optimizer(optax.adamw(1e-2), params)
+  state = tx.init(params)
+  # No optimizer state for frozen leaves: Adam moments exist for adapters only.
+  n_state = sum(l.size for l in jax.tree.leaves(state) if jnp.ndim(l) > 0)
+  assert n_state == 2 * lj.count(params)["lora"]
+
+  def loss_fn(p):
+    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  new, losses = params, []
+  for _ in range(50):
+    new, state, loss = step(new, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0]
+  labels = lj.partition(params)
+  for label, old, now in zip(jax.tree.leaves(labels), jax.tree.leaves(params),
+                             jax.tree.leaves(new)):
+    if label == "frozen":
+      np.testing.assert_array_equal(np.asarray(now).view(np.uint32),
+                                    np.asarray(old).view(np.uint32))
+    else:
+      assert not np.array_equal(now, old)
+
+
+def test_optimizer_trains_trainable_params_too(params):
+  config = lj.LoRAConfig(trainable=["head"])
+  tx = lj.optimizer(optax.sgd(1.0), params, config)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates["head"]["kernel"][0, 0]) == -1.0
+  assert float(updates["hidden_0"]["lora_a"][0, 0]) == -1.0
+  assert not np.any(updates["hidden_0"]["kernel"]) and not np.any(updates["norm"]["scale"])
+
+
+def test_lora_plus_scales_b_learning_rate(params):
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = lj.optimizer(optax.adam(0.1), params, lora_plus_ratio=16)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  plain = lj.optimizer(optax.adam(0.1), params)
+  ref, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(updates["hidden_0"]["lora_b"], 16 * ref["hidden_0"]["lora_b"],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(updates["hidden_0"]["lora_a"], ref["hidden_0"]["lora_a"])
+  with pytest.raises(ValueError, match="lora_plus_ratio=0"):
+    lj.optimizer(optax.adam(0.1), params, lora_plus_ratio=0)
+
+
+def test_optimizer_refuses_params_without_adapters():
+  plain = MLP(dense=nn.Dense).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  with pytest.raises(ValueError, match="no adapter leaves.*train nothing"):
+    lj.optimizer(optax.adam(1e-3), plain)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_returns_the_plain_models_tree_and_outputs(use_dora):
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  params = MLP(use_dora=use_dora).init(jax.random.key(0), x)["params"]
+  params = _randomize(params)
+  config = lj.LoRAConfig(rank=4, alpha=8.0, use_dora=use_dora)
+  merged = lj.merge(params, config)
+  plain = MLP(dense=nn.Dense)
+  plain_params = plain.init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, plain_params)
+  np.testing.assert_allclose(plain.apply({"params": merged}, x),
+                             MLP(use_dora=use_dora).apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-6)
+  # Leaves without adapters pass through untouched.
+  assert merged["norm"]["scale"] is params["norm"]["scale"]
+
+
+def test_merge_accumulates_in_float32_and_casts_once():
+  """A bf16 kernel merges to the bf16 value nearest the exact sum (one rounding)."""
+  ka, kb, kw = jax.random.split(jax.random.key(0), 3)
+  kernel = (1 + jax.random.uniform(kw, (64, 64))).astype(jnp.bfloat16)
+  a = jax.random.normal(ka, (64, 8)) * 0.05
+  b = jax.random.normal(kb, (8, 64)) * 0.05
+  params = {"layer": {"kernel": kernel, "lora_a": a, "lora_b": b}}
+  merged = lj.merge(params, lj.LoRAConfig(rank=8, alpha=8.0))["layer"]["kernel"]
+  assert merged.dtype == jnp.bfloat16
+  exact = np.asarray(kernel, np.float64) + np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  half_ulp = 2.0 ** (np.floor(np.log2(np.abs(exact))) - 8)  # bf16 keeps 8 significant bits
+  err = np.abs(np.asarray(merged, np.float64) - exact)
+  assert np.all(err <= half_ulp * (1 + 1e-3))
+  # Adding a bf16 update to a bf16 kernel (two roundings) is measurably worse.
+  naive = np.asarray(kernel + (a @ b).astype(jnp.bfloat16), np.float64)
+  assert np.any(np.abs(naive - exact) > half_ulp * (1 + 1e-3))
+  as_f32 = lj.merge(params, lj.LoRAConfig(rank=8, alpha=8.0), dtype=jnp.float32)["layer"]["kernel"]
+  np.testing.assert_allclose(np.asarray(as_f32), exact, rtol=1e-6)
+
+
+def test_merge_dtype_casts_every_float_leaf(params):
+  merged = lj.merge(params, lj.LoRAConfig(rank=4, alpha=8.0), dtype=jnp.bfloat16)
+  assert {l.dtype for l in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_merge_safe_names_non_finite_layer(params):
+  bad = jax.tree.map(lambda x: x, params)
+  bad["hidden_1"] = dict(bad["hidden_1"], lora_b=jnp.full_like(bad["hidden_1"]["lora_b"], jnp.inf))
+  config = lj.LoRAConfig(rank=4, alpha=8.0)
+  with pytest.raises(ValueError, match="layer 'hidden_1' has non-finite values"):
+    lj.merge(bad, config, safe=True)
+  lj.merge(params, config, safe=True)  # finite: no error
+  with pytest.raises(ValueError, match="cannot run under jit"):
+    jax.jit(lambda p: lj.merge(p, config, safe=True))(params)
+
+
+def test_merge_refuses_mismatched_config(params):
+  with pytest.raises(ValueError, match="'hidden_0' has a rank-4 adapter but the config gives rank 8"):
+    lj.merge(params, lj.LoRAConfig(rank=8))
+  with pytest.raises(ValueError, match="'hidden_0' lacks a DoRA magnitude"):
+    lj.merge(params, lj.LoRAConfig(rank=4, use_dora=True))
+  with pytest.raises(ValueError, match="no adapters"):
+    lj.merge(lj.split(params)[1], lj.LoRAConfig(rank=4))
+  broken = {"layer": {"kernel": jnp.ones((3, 4)), "lora_a": jnp.ones((5, 2)),
+                      "lora_b": jnp.ones((2, 4))}}
+  with pytest.raises(ValueError, match="'layer'.*do not fit kernel"):
+    lj.merge(broken, lj.LoRAConfig(rank=2))
+  with pytest.raises(ValueError, match="'layer' has adapters but no kernel"):
+    lj.merge({"layer": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.ones((2, 4))}},
+             lj.LoRAConfig(rank=2))
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_merge_under_jit_with_donation_keeps_one_copy():
+  """Donated, every output buffer reuses an input buffer: no second model copy."""
+  model = MLP()
+  params = _randomize(model.init(jax.random.key(0), jnp.ones((1, 8)))["params"])
+  config = lj.LoRAConfig(rank=4, alpha=8.0)
+  merge = jax.jit(lj.merge, static_argnums=1, donate_argnums=0)
+  compiled = merge.lower(params, config).compile()
+  expected = lj.merge(params, config)
+  merged_bytes = sum(l.nbytes for l in jax.tree.leaves(expected))
+  assert compiled.memory_analysis().alias_size_in_bytes == merged_bytes
+  out = merge(jax.tree.map(jnp.copy, params), config)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_functions_work_on_variables_and_boxed_trees():
+  class Boxed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return lj.LoRADense(6, rank=2, kernel_init=init, name="proj")(x)
+
+  x = jnp.ones((2, 4))
+  variables = Boxed().init(jax.random.key(0), x)
+  assert isinstance(variables["params"]["proj"]["kernel"], nn.LogicallyPartitioned)
+  labels = lj.partition(variables)
+  assert jax.tree.leaves(labels["params"]["proj"]["kernel"]) == ["frozen"]
+  variables = jax.tree.map(lambda l: l + 0.1, variables)
+  merged = lj.merge(variables, lj.LoRAConfig(rank=2))
+  assert isinstance(merged["params"]["proj"]["kernel"], nn.LogicallyPartitioned)
+  assert merged["params"]["proj"]["kernel"].names == ("embed", "mlp")
+  plain = nn.Dense(6).apply({"params": nn.unbox(merged["params"]["proj"])}, x)
+  np.testing.assert_allclose(plain, Boxed().apply(variables, x), rtol=1e-5)
