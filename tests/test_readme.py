@@ -1,0 +1,21 @@
+"""The README's Python snippets run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_snippets():
+  assert len(SNIPPETS) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_snippet_runs(index, capsys):
+  namespace = {}
+  if index > 0:  # later snippets build on the quick start
+    exec(compile(SNIPPETS[0], "README.md[0]", "exec"), namespace)
+  exec(compile(SNIPPETS[index], f"README.md[{index}]", "exec"), namespace)
