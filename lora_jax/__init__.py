@@ -1,6 +1,7 @@
 """lora_jax: LoRA and DoRA adapters for JAX/Flax, built for TPU fine-tuning."""
 
 from lora_jax.config import AdapterSpec, LoRAConfig
+from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.tree import combine, count, merge, optimizer, partition, split, summary
 
@@ -14,9 +15,12 @@ __all__ = [
     "LoRAEinsum",
     "combine",
     "count",
+    "init_adapters",
+    "inject",
     "merge",
     "optimizer",
     "partition",
     "split",
     "summary",
+    "targets",
 ]

@@ -1,0 +1,274 @@
+"""LoRA for any unmodified linen model, by method interception.
+
+`inject(model, config)` returns the same model (same class, same fields, same
+param names) whose calls run under `nn.intercept_methods`: every `nn.Dense`,
+`nn.DenseGeneral` and `nn.Einsum` (or subclass) whose module path the config
+selects gets an adapter beside its `kernel`, through the same `add_adapter`
+the LoRA layers use. The model's code is never touched, and it works through
+`nn.scan`, `nn.remat`, `nn.vmap`, shared modules and extra call arguments
+because interception sees the real calls as flax makes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import ALL_LINEAR, LoRAConfig
+from lora_jax.layers import (
+    _Adapted, add_adapter, dense_contraction, dense_general_contraction, einsum_contraction)
+from lora_jax.tree import combine, split
+
+LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+@dataclasses.dataclass
+class _Survey:
+  """What one outermost call of a model saw: module paths and their types."""
+
+  linear: dict[str, str] = dataclasses.field(default_factory=dict)
+  other: dict[str, str] = dataclasses.field(default_factory=dict)
+  adapted: dict[str, None] = dataclasses.field(default_factory=dict)
+
+
+def _call_input(args, kwargs, index: int, name: str):
+  return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _contraction(module: nn.Module, args, kwargs):
+  """The input of an intercepted linear call and how the layer contracts it."""
+  inputs = _call_input(args, kwargs, 0, "inputs")
+  ndim = jnp.ndim(inputs)
+  if isinstance(module, nn.Einsum):
+    equation = _call_input(args, kwargs, 1, "einsum_str") or module.einsum_str
+    return inputs, einsum_contraction(equation, jnp.shape(inputs), module.shape)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features
+    n_features = len(features) if isinstance(features, (tuple, list)) else 1
+    return inputs, dense_general_contraction(ndim, module.axis, module.batch_dims, n_features)
+  return inputs, dense_contraction(ndim)
+
+
+def _interceptor(config: LoRAConfig | None, survey: _Survey):
+  """Records every module call; adds adapters to the selected linear layers."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or isinstance(module, _Adapted):
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    if not isinstance(module, LINEAR_TYPES):
+      survey.other.setdefault(path, type(module).__name__)
+      return next_fun(*args, **kwargs)
+    survey.linear.setdefault(path, type(module).__name__)
+    outputs = next_fun(*args, **kwargs)
+    if config is None or not config.selects(path):
+      return outputs
+    survey.adapted.setdefault(path)
+    inputs, contraction = _contraction(module, args, kwargs)
+    return add_adapter(module, config.adapter_for(path), contraction, inputs, outputs)
+
+  return intercept
+
+
+def _pattern_of(path: str) -> str:
+  return re.sub(r"(?<=_)\d+(?=/|$)", "*", path)
+
+
+def _listing(paths) -> str:
+  """Paths with layer indices collapsed: `layers_*/self_attn/q_proj`."""
+  return ", ".join(dict.fromkeys(_pattern_of(p) for p in paths)) or "(none)"
+
+
+def _check_selection(config: LoRAConfig, survey: _Survey) -> None:
+  """Raises `ValueError` when the config selects nothing, or names a non-linear module."""
+  if not survey.linear:
+    raise ValueError("the model calls no nn.Dense, nn.DenseGeneral or nn.Einsum layer: "
+                     "there is nothing LoRA can adapt")
+  candidates = f"linear layers of this model: {_listing(survey.linear)}"
+  if isinstance(config.targets, tuple):
+    for name in config.targets:
+      probe = LoRAConfig(targets=[name])
+      if any(probe.selects(p) for p in survey.linear):
+        continue
+      others = [f"'{p}' ({kind})" for p, kind in survey.other.items() if probe.selects(p)]
+      if others:
+        raise ValueError(f"target '{name}' names {', '.join(others[:3])}, not a linear layer "
+                         f"(nn.Dense/DenseGeneral/Einsum); {candidates}")
+      raise ValueError(f"target '{name}' matches no linear layer; {candidates}")
+  if not any(config.selects(p) for p in survey.linear):
+    what = "'all-linear'" if config.targets == ALL_LINEAR else f"targets={config.targets!r}"
+    others = [f"'{p}' ({kind})" for p, kind in survey.other.items()
+              if isinstance(config.targets, str) and config.targets != ALL_LINEAR
+              and re.fullmatch(config.targets, p)]
+    also = f" (it matches only non-linear modules: {', '.join(others[:3])})" if others else ""
+    raise ValueError(f"{what} with exclude={config.exclude!r} selects no layer{also}; "
+                     f"{candidates}")
+
+
+_active = threading.local()  # the survey of the outermost injected call in progress
+
+
+class _Injected:
+  """Mixin for injected model classes: intercepts every call of the model."""
+
+  _lora_config: LoRAConfig
+  _lora_base: type
+
+  def _call_wrapped_method(self, fun, args, kwargs):
+    if getattr(_active, "survey", None) is not None:  # an outer injected call intercepts already
+      return super()._call_wrapped_method(fun, args, kwargs)
+    survey = _Survey()
+    _active.survey = survey
+    try:
+      with nn.intercept_methods(_interceptor(self._lora_config, survey)):
+        out = super()._call_wrapped_method(fun, args, kwargs)
+    finally:
+      _active.survey = None
+    if self.scope is not None and self.is_mutable_collection("params"):  # creating params
+      _check_selection(self._lora_config, survey)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _injected_class(cls: type, config: LoRAConfig) -> type:
+  return type(cls.__name__, (_Injected, cls), {
+      "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+      "_lora_config": config, "_lora_base": cls})
+
+
+def _copy(model: nn.Module, cls: type) -> nn.Module:
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init}
+  return cls(**fields)
+
+
+def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
+  """The same model with adapters on the linear layers `config` selects.
+
+  The returned module has `model`'s class name, fields and methods; its
+  `init`/`apply` give `model`'s param tree plus `lora_a`, `lora_b` (and
+  `lora_magnitude`) beside each selected kernel, and the base model's outputs
+  while the adapters are zero. Use it as a submodule by passing it in as a
+  field; nested injected models take the outermost config.
+
+  Args:
+    model: an unbound linen module, from any code.
+    config: which layers get adapters, and how.
+
+  Returns:
+    An unbound module of a subclass of `type(model)`.
+
+  Raises:
+    ValueError: at `init`, when the config selects no layer or names a module
+      that is not linear; the message lists the candidate layers.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import LoRAConfig
+    >>> model = inject(nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]),
+    ...                LoRAConfig(rank=2, targets=['layers_0']))
+    >>> jax.tree.map(jnp.shape, model.init(jax.random.key(0), jnp.ones((1, 3)))['params'])
+    {'layers_0': {'bias': (4,), 'kernel': (3, 4), 'lora_a': (3, 2), 'lora_b': (2, 4)}, 'layers_2': {'bias': (2,), 'kernel': (4, 2)}}
+  """
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"inject expects a flax.linen Module, got {type(model).__name__}")
+  if not isinstance(config, LoRAConfig):
+    raise ValueError(f"inject expects a LoRAConfig, got {type(config).__name__}")
+  if model.scope is not None or isinstance(model.parent, nn.Module):
+    raise ValueError("inject expects an unbound model built outside any module; inject the "
+                     "top-level model and pass it to a parent module as a field")
+  base = getattr(type(model), "_lora_base", type(model))
+  return _copy(model, _injected_class(base, config))
+
+
+def _plain(model: nn.Module) -> nn.Module:
+  """`model` without injection."""
+  base = getattr(type(model), "_lora_base", None)
+  return model if base is None else _copy(model, base)
+
+
+def targets(model: nn.Module, config: LoRAConfig | None = None, *sample_args, **sample_kwargs
+            ) -> list[str]:
+  """The module paths of the linear layers `config` selects, in call order.
+
+  Traces `model.init` abstractly (no memory is used). Without a config, lists
+  every linear layer that could be selected.
+
+  Raises:
+    ValueError: when the config selects nothing (listing the candidates).
+
+  Example:
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> targets(mlp, None, jnp.ones((1, 3)))
+    ['layers_0', 'layers_2']
+    >>> from lora_jax import LoRAConfig
+    >>> targets(mlp, LoRAConfig(exclude=['layers_0']), jnp.ones((1, 3)))
+    ['layers_2']
+  """
+  survey = _Survey()
+  plain = _plain(model)
+  with nn.intercept_methods(_interceptor(None, survey)):
+    jax.eval_shape(lambda: plain.init(jax.random.key(0), *sample_args, **sample_kwargs))
+  if config is None:
+    return list(survey.linear)
+  _check_selection(config, survey)
+  return [p for p in survey.linear if config.selects(p)]
+
+
+def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sample_args,
+                  **sample_kwargs) -> dict:
+  """Fresh adapters on top of existing base params.
+
+  The base leaves are returned exactly as given (never re-initialised); DoRA
+  magnitudes start from the given kernels. Abstract base params
+  (`jax.ShapeDtypeStruct`) give abstract adapters without using memory, and
+  the function works under `jax.eval_shape`.
+
+  Args:
+    model: an injected model (or one built from LoRA layers).
+    base_params: the plain model's `params` collection (no `'params'` key).
+    rng: key for the adapter initialisers.
+    *sample_args: arguments for one call of the model (shapes are what count).
+    **sample_kwargs: keyword arguments for that call.
+
+  Returns:
+    The full param tree: `base_params` plus the adapter leaves.
+
+  Raises:
+    ValueError: when the model creates no adapter, or needs params that
+      `base_params` lacks.
+  """
+  def make(key, base):
+    _, state = model.apply({"params": base}, *sample_args, rngs={"params": key},
+                           mutable=["params"], **sample_kwargs)
+    return state["params"]
+
+  abstract = any(isinstance(l, jax.ShapeDtypeStruct) for l in jax.tree.leaves(base_params))
+  full = (jax.eval_shape if abstract else jax.jit(make))(
+      *((make,) if abstract else ()), rng, base_params)
+  adapters, rest = split(full)
+  if not adapters:
+    raise ValueError("the model created no adapters: inject(model, config) first, or use "
+                     "LoRA layers")
+  missing = sorted(set(_leaf_paths(rest)) - set(_leaf_paths(base_params)))
+  if missing:
+    raise ValueError(f"base_params lack {len(missing)} param(s) the model needs, e.g. "
+                     f"{', '.join(missing[:3])}")
+  return combine(adapters, base_params)
+
+
+def _leaf_paths(tree: Mapping, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    out += _leaf_paths(value, path) if isinstance(value, Mapping) else [path]
+  return out
