@@ -115,6 +115,7 @@ class AdapterSpec:
     for flag in ("use_rslora", "use_dora"):
       if not isinstance(getattr(self, flag), (bool, np.bool_)):
         _fail(flag, getattr(self, flag), "must be True or False")
+      set_(flag, bool(getattr(self, flag)))
     set_("lora_dtype", _check_dtype(self.lora_dtype))
 
   @property
@@ -234,12 +235,21 @@ class LoRAConfig:
     """The adapter scale of the layer at module `path`, patterns resolved."""
     return self.adapter_for(path).scale
 
+  def trainable_rule(self, param_path: str) -> str | None:
+    """The `trainable` rule that makes a param train fully, if any.
+
+    A rule matches the param's path or the path of any module above it, so
+    `'classifier'` trains every param under `classifier/` (as PEFT's
+    `modules_to_save` does).
+    """
+    parts = param_path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return next((rule for rule in self.trainable
+                 if any(_matches_suffix(rule, p) for p in prefixes)), None)
+
   def is_trainable(self, param_path: str) -> bool:
     """Whether a non-adapter param (e.g. `classifier/kernel`) trains fully."""
-    module_path = param_path.rpartition("/")[0]
-    return any(
-        _matches_suffix(p, param_path) or (module_path and _matches_suffix(p, module_path))
-        for p in self.trainable)
+    return self.trainable_rule(param_path) is not None
 
   # --- serialisation --------------------------------------------------------
 

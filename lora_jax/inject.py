@@ -80,7 +80,7 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
 
 
 def _pattern_of(path: str) -> str:
-  return re.sub(r"(?<=_)\d+(?=/|$)", "*", path)
+  return re.sub(r"(^|/|_)\d+(?=/|$)", r"\1*", path)
 
 
 def _listing(paths) -> str:

@@ -53,7 +53,8 @@ def dense_general_contraction(
     ndim: int, axis: Any, batch_dims: Any, n_features: int
 ) -> Contraction:
   """`nn.DenseGeneral`: kernel = batch_dims + axis + features axes."""
-  axes = lambda a: tuple(int(d) % ndim for d in (a if isinstance(a, (tuple, list)) else (a,)))
+  # Sorted, as flax orders the kernel's axes by input position whatever order `axis` has.
+  axes = lambda a: tuple(sorted(int(d) % ndim for d in (a if isinstance(a, (tuple, list)) else (a,))))
   axis, batch = axes(axis), axes(batch_dims)
   x = string.ascii_letters[:ndim]
   feats = string.ascii_letters[ndim:ndim + n_features]
@@ -103,14 +104,30 @@ class Geometry:
   def magnitude_letters(self) -> str:
     return "".join(c for c in self.kernel if c not in self.contract)
 
+  def stored_axes(self, which: str) -> tuple[str | None, ...]:
+    """The letter of each stored axis of `'a'`, `'b'` or `'m'` (magnitude).
+
+    `None` marks a size-1 placeholder axis.
+    """
+    letters = {"a": self.a_letters, "b": self.b_letters, "m": self.magnitude_letters}[which]
+    if self.compact:
+      return tuple(letters)
+    rank = (self.rank,) if which != "m" else ()
+    return tuple(c if c in letters else None for c in self.kernel) + rank
+
   def shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], ...]:
     """Stored shapes of A, B and the magnitude for a kernel of that shape."""
     size = dict(zip(self.kernel, kernel_shape), **{self.rank: rank})
-    if self.compact:
-      return tuple(tuple(size[c] for c in ls) for ls in
-                   (self.a_letters, self.b_letters, self.magnitude_letters))
-    keep = lambda drop: tuple(1 if c in drop else size[c] for c in self.kernel)
-    return keep(self.free) + (rank,), keep(self.contract) + (rank,), keep(self.contract)
+    return tuple(tuple(size[c] if c else 1 for c in self.stored_axes(w)) for w in "abm")
+
+  def axis_names(self, which: str, kernel_names) -> tuple[str | None, ...]:
+    """Logical axis names of A, B or the magnitude, from the kernel's names.
+
+    Each adapter axis takes the name of the kernel axis it spans; the rank
+    axis and placeholders get `None` (replicated).
+    """
+    name = dict(zip(self.kernel, kernel_names))
+    return tuple(name.get(c) for c in self.stored_axes(which))
 
   def squeeze(self, array: jax.Array, letters: str, kernel_shape, rank: int = 1) -> jax.Array:
     """Drops size-1 placeholder axes so `array` matches `letters`."""
@@ -119,7 +136,8 @@ class Geometry:
 
   def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """A @ B in the kernel's layout (squeezed A and B)."""
-    return jnp.einsum(f"{self.a_letters},{self.b_letters}->{self.kernel}", a, b)
+    return jnp.einsum(f"{self.a_letters},{self.b_letters}->{self.kernel}", a, b,
+                      precision=jax.lax.Precision.HIGHEST)  # TPUs default to bf16 passes
 
   def column_norm(self, w: jax.Array) -> jax.Array:
     """||w|| per output feature (over the contracting axes): magnitude letters."""
@@ -185,8 +203,19 @@ def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None) -> 
   w = kernel.astype(jnp.float32) + scale * geom.delta(a, b)
   if lora_magnitude is None:
     return w
-  m = geom.squeeze(lora_magnitude, geom.magnitude_letters, kernel.shape).astype(jnp.float32)
-  return _align(m / geom.column_norm(w), geom.magnitude_letters, geom.kernel) * w
+  m = geom.squeeze(lora_magnitude, geom.magnitude_letters, kernel.shape)
+  gain = _dora_gain(m, geom.column_norm(w))
+  return _align(gain, geom.magnitude_letters, geom.kernel) * w
+
+
+def _dora_gain(magnitude: jax.Array, norm: jax.Array) -> jax.Array:
+  """m / ||W'|| in float32, with the norm rounded as the magnitude is stored.
+
+  The magnitude starts as the kernel's norm in its own dtype; rounding the
+  norm the same way keeps the gain exactly 1 at init for any `lora_dtype`.
+  """
+  norm = norm.astype(magnitude.dtype).astype(jnp.float32)
+  return magnitude.astype(jnp.float32) / norm
 
 
 def _align(array: jax.Array, letters: str, target: str) -> jax.Array:
@@ -204,6 +233,18 @@ def _init_a(spec: AdapterSpec, fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
   return init
+
+
+def _annotated(init, raw_kernel: Any, geom: Geometry, which: str):
+  """`init` with partitioning names derived from the kernel's, if it has any.
+
+  Adapters must shard with their kernel: left unannotated they would be
+  silently replicated on every device.
+  """
+  if not isinstance(raw_kernel, nn.Partitioned):
+    return init
+  names = geom.axis_names(which, raw_kernel.names)
+  return lambda *args: raw_kernel.replace(value=init(*args), names=names)
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool | None) -> jax.Array | None:
@@ -250,13 +291,16 @@ def add_adapter(
     `outputs + scale * (dropout(inputs) @ A) @ B`, or DoRA's
     `m / ||W + scale*A@B|| * (inputs @ (W + scale*A@B)) + bias`.
   """
-  kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
+  raw_kernel = module.get_variable("params", "kernel")
+  kernel = nn.meta.unbox(raw_kernel)
   geom = geometry_of(contraction)
   a_shape, b_shape, m_shape = geom.shapes(kernel.shape, spec.rank)
   fan_in = math.prod(kernel.shape[geom.kernel.index(c)] for c in geom.contract)
   dtype = jnp.dtype(spec.lora_dtype)
-  lora_a = module.param("lora_a", _init_a(spec, fan_in), a_shape, dtype)
-  lora_b = module.param("lora_b", nn.initializers.zeros_init(), b_shape, dtype)
+  lora_a = module.param("lora_a", _annotated(_init_a(spec, fan_in), raw_kernel, geom, "a"),
+                        a_shape, dtype)
+  lora_b = module.param("lora_b", _annotated(nn.initializers.zeros_init(), raw_kernel, geom, "b"),
+                        b_shape, dtype)
   a = geom.squeeze(lora_a, geom.a_letters, kernel.shape, spec.rank)
   b = geom.squeeze(lora_b, geom.b_letters, kernel.shape, spec.rank)
 
@@ -275,14 +319,16 @@ def add_adapter(
 
   # DoRA (Liu et al. 2024): y = m / ||W'|| * (x @ W') + bias with W' = W + scale*A@B.
   # ||W'|| is a constant for the backward pass (section 4.3 of the paper; PEFT does the same).
-  magnitude = module.param(
-      "lora_magnitude",
-      lambda _, shape, dt: jnp.reshape(geom.column_norm(kernel.astype(jnp.float32)), shape).astype(dt),
-      m_shape, dtype)
-  m = geom.squeeze(magnitude, geom.magnitude_letters, kernel.shape).astype(jnp.float32)
+  norm_init = lambda _, shape, dt: jnp.reshape(
+      geom.column_norm(kernel.astype(jnp.float32)), shape).astype(dt)
+  magnitude = module.param("lora_magnitude", _annotated(norm_init, raw_kernel, geom, "m"),
+                           m_shape, dtype)
+  m = geom.squeeze(magnitude, geom.magnitude_letters, kernel.shape)
   w = kernel.astype(jnp.float32) + spec.scale * geom.delta(a.astype(jnp.float32), b.astype(jnp.float32))
-  gain = m / jax.lax.stop_gradient(geom.column_norm(w))
-  gain = _align(gain, geom.magnitude_letters, contraction.outputs).astype(compute)
+  gain = _align(_dora_gain(m, jax.lax.stop_gradient(geom.column_norm(w))),
+                geom.magnitude_letters, contraction.outputs)
+  # gain - 1 in float32: near 1, bf16 steps of 2**-7 would swallow small magnitude updates.
+  gain_minus_one, gain = (gain - 1).astype(compute), gain.astype(compute)
   if dropped is None:  # x @ W is the base output less its bias
     bias = module.get_variable("params", "bias")
     base = outputs
@@ -292,7 +338,7 @@ def add_adapter(
   else:  # dropout changed the input: x @ W again, on the dropped input (as PEFT does)
     base = jnp.einsum(f"{contraction.inputs},{contraction.kernel}->{contraction.outputs}",
                       x, kernel.astype(compute), precision=precision)
-  return outputs + (gain - 1) * base + gain * update
+  return outputs + gain_minus_one * base + gain * update
 
 
 class _Adapted(nn.Module):

@@ -71,6 +71,13 @@ def optimizer(
     An `optax.partition` transformation.
   """
   labels = jax.tree.leaves(partition(params, config))
+  if config is not None:
+    paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+    used = {config.trainable_rule(p) for p in paths}
+    unused = [rule for rule in config.trainable if rule not in used]
+    if unused:
+      raise ValueError(f"trainable rule {unused[0]!r} matches no param; params are named "
+                       f"like {', '.join(paths[:4])}")
   if LORA not in labels and TRAINABLE not in labels:
     raise ValueError(
         "params hold no adapter leaves (lora_a/lora_b/lora_magnitude) and no trainable "
@@ -83,7 +90,7 @@ def optimizer(
 
   def group(path: str) -> str:
     label = _label(path, config)
-    if lora_plus_ratio is not None and path.endswith("lora_b"):
+    if lora_plus_ratio is not None and path.rsplit("/", 1)[-1] == "lora_b":
       return "lora_b"
     return label
 
@@ -144,11 +151,11 @@ def combine(adapters: Mapping, base: Mapping) -> dict:
       disagree about what is a dict.
   """
   def walk(a: Mapping, b: Mapping, prefix: str) -> dict:
-    out = dict(b)
+    out = {k: _plain_dict(v) for k, v in b.items()}
     for key, value in a.items():
       path = f"{prefix}/{key}" if prefix else str(key)
       if key not in out:
-        out[key] = dict(value) if isinstance(value, Mapping) else value
+        out[key] = _plain_dict(value)
       elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
         out[key] = walk(value, out[key], path)
       else:
@@ -156,6 +163,13 @@ def combine(adapters: Mapping, base: Mapping) -> dict:
     return out
 
   return walk(adapters, base, "")
+
+
+def _plain_dict(tree: Any) -> Any:
+  """Nested mappings (e.g. FrozenDict) as nested dicts."""
+  if isinstance(tree, Mapping):
+    return {k: _plain_dict(v) for k, v in tree.items()}
+  return tree
 
 
 def count(params: Any, config: LoRAConfig | None = None) -> dict[str, int]:
@@ -218,7 +232,8 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
 
   def cast(leaf):
     value = nn.meta.unbox(leaf)
-    if dtype is None or not jnp.issubdtype(value.dtype, jnp.floating):
+    kind = getattr(value, "dtype", None)
+    if dtype is None or kind is None or not jnp.issubdtype(kind, jnp.floating):
       return leaf
     return _rebox(leaf, value.astype(dtype))
 

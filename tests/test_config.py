@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 from lora_jax import LoRAConfig
@@ -111,6 +112,18 @@ def test_exclude_is_checked_first():
   assert not c.selects("layers_0/attn/q_proj") and c.selects("layers_1/attn/q_proj")
   c = LoRAConfig(exclude="layers_0/.*")
   assert not c.selects("layers_0/mlp") and c.selects("layers_1/mlp")
+
+
+def test_trainable_covers_whole_modules_like_modules_to_save():
+  c = LoRAConfig(trainable=["classifier"])
+  assert c.is_trainable("classifier/dense/kernel") and c.is_trainable("classifier/out_proj/bias")
+  assert c.trainable_rule("roberta/classifier/dense/kernel") == "classifier"
+  assert not c.is_trainable("classifier_head/kernel")
+
+
+def test_numpy_flags_serialise():
+  c = LoRAConfig(use_dora=np.True_)
+  assert c.use_dora is True and LoRAConfig.from_json(c.to_json()) == c
 
 
 def test_trainable_matches_module_or_param_paths():

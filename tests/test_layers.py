@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax.layers import (
@@ -22,6 +23,9 @@ KINDS = {
     "dense_general_batch": (
         lambda **kw: nn.DenseGeneral(4, axis=-1, batch_dims=(0,), **kw),
         lambda **kw: lj.LoRADenseGeneral(4, axis=-1, batch_dims=(0,), **kw), (2, 3, 6)),
+    "dense_general_unsorted_axes": (
+        lambda **kw: nn.DenseGeneral(4, axis=(-1, -2), **kw),
+        lambda **kw: lj.LoRADenseGeneral(4, axis=(-1, -2), **kw), (2, 3, 6)),
     "einsum": (
         lambda **kw: nn.Einsum((6, 3, 5), "btd,dnh->btnh", **kw),
         lambda **kw: lj.LoRAEinsum((6, 3, 5), "btd,dnh->btnh", **kw), (2, 3, 6)),
@@ -322,3 +326,58 @@ def test_contraction_helpers():
     geometry_of(einsum_contraction("bd,dk->b", (2, 3), (3, 4)))
   with pytest.raises(ValueError, match="do not fit kernel"):
     geometry_from_shapes((6, 5), (4, 2), (2, 5))
+
+
+def test_adapters_inherit_the_kernels_partitioning():
+  """Annotated kernels give annotated adapters: never silently replicated."""
+  init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+  layer = lj.LoRADense(6, rank=2, use_dora=True, kernel_init=init)
+  specs = nn.get_partition_spec(layer.init(jax.random.key(0), jnp.ones((2, 4))))["params"]
+  assert (specs["lora_a"], specs["lora_b"], specs["lora_magnitude"]) == (
+      P("embed", None), P(None, "mlp"), P("mlp"))
+
+  einsum_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                             ("heads", "embed", "kv"))
+  layer = lj.LoRAEinsum((3, 4, 5), "btd,ndh->btnh", rank=2, use_bias=False,
+                        kernel_init=einsum_init)
+  specs = nn.get_partition_spec(layer.init(jax.random.key(0), jnp.ones((1, 2, 4))))["params"]
+  assert specs["lora_a"] == P(None, "embed", None, None)
+  assert specs["lora_b"] == P("heads", None, "kv", None)
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      body = nn.scan(lambda mdl, c, _: (mdl(c), None), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=2,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+      return body(lj.LoRADense(4, rank=2, kernel_init=init, name="layer"), x, None)[0]
+
+  specs = nn.get_partition_spec(Stack().init(jax.random.key(0), jnp.ones((2, 4))))["params"]
+  assert specs["layer"]["lora_a"] == P("layers", "embed", None)
+  assert specs["layer"]["lora_b"] == P("layers", None, "mlp")
+
+
+def test_dora_zero_init_exact_with_bf16_magnitude():
+  x = _inputs((2, 5))
+  layer = lj.LoRADense(8, rank=2, use_dora=True, lora_dtype="bfloat16")
+  params = layer.init(jax.random.key(0), x)
+  assert params["params"]["lora_magnitude"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(layer.apply(params, x),
+                                nn.Dense(8).apply(lj.split(params)[1], x))
+  merged = lj.merge(params["params"], lj.LoRAConfig(rank=2, use_dora=True))
+  np.testing.assert_array_equal(merged["kernel"], params["params"]["kernel"])
+
+
+def test_dora_small_magnitude_updates_survive_bf16_compute():
+  """In bf16 the gain m/||W'|| is within 2**-7 of 1; gain - 1 must not round to 0."""
+  x = _inputs((4, 16), jnp.bfloat16)
+  layer = lj.LoRADense(32, rank=2, use_dora=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  params = layer.init(jax.random.key(0), x)
+  nudged = jax.tree.map(lambda v: v, params)
+  nudged["params"]["lora_magnitude"] = params["params"]["lora_magnitude"] * 1.003
+  y0 = np.asarray(layer.apply(params, x), np.float32)
+  y1 = np.asarray(layer.apply(nudged, x), np.float32)
+  merged = lj.merge(nudged["params"], lj.LoRAConfig(rank=2, use_dora=True), dtype=jnp.float32)
+  expected = np.asarray(x, np.float32) @ np.asarray(merged["kernel"]) + np.asarray(merged["bias"])[None]
+  change, expected_change = y1 - y0, expected - y0
+  assert np.abs(change).mean() > 0.5 * np.abs(expected_change).mean() > 0

@@ -260,3 +260,31 @@ def test_functions_work_on_variables_and_boxed_trees():
   assert merged["params"]["proj"]["kernel"].names == ("embed", "mlp")
   plain = nn.Dense(6).apply({"params": nn.unbox(merged["params"]["proj"])}, x)
   np.testing.assert_allclose(plain, Boxed().apply(variables, x), rtol=1e-5)
+
+
+def test_optimizer_refuses_trainable_rule_matching_nothing(params):
+  with pytest.raises(ValueError, match="trainable rule 'classifer' matches no param"):
+    lj.optimizer(optax.adam(1e-3), params, lj.LoRAConfig(trainable=["classifer"]))
+
+
+def test_lora_plus_only_for_leaves_named_lora_b():
+  tree = {"layer": {"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)),
+                    "lora_b": jnp.ones((1, 2))}, "x_lora_b": jnp.ones((2,))}
+  tx = lj.optimizer(optax.sgd(1.0), tree, lora_plus_ratio=4.0)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
+  assert not np.any(updates["x_lora_b"])  # frozen, whatever its name ends with
+  np.testing.assert_array_equal(updates["layer"]["lora_b"], -4.0)
+
+
+def test_combine_returns_plain_dicts_for_frozen_dicts(params):
+  from flax.core import freeze
+  adapters, base = lj.split(freeze(params))
+  combined = lj.combine(adapters, base)
+  assert jax.tree.structure(combined) == jax.tree.structure(params)
+
+
+def test_merge_dtype_leaves_non_float_leaves_alone(params):
+  tree = dict(params, step=3, ids=jnp.arange(3))
+  merged = lj.merge(tree, lj.LoRAConfig(rank=4, alpha=8.0), dtype=jnp.bfloat16)
+  assert merged["step"] == 3 and merged["ids"].dtype == jnp.int32
+  assert merged["head"]["kernel"].dtype == jnp.bfloat16

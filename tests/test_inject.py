@@ -1,0 +1,292 @@
+"""Injection into unmodified linen models: ours, flax's and Hugging Face's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax as lj
+
+
+class Block(nn.Module):
+  """Dense, DenseGeneral and Einsum, called with extra positional and keyword args."""
+
+  @nn.compact
+  def __call__(self, x, scale, *, shift=0.0):
+    h = nn.Dense(16, name="up")(x) * scale + shift
+    h = nn.DenseGeneral((2, 8), name="heads")(h)
+    h = nn.Einsum((2, 8, 16), "...hd,hdo->...o", name="merge")(h)
+    return x + nn.LayerNorm(name="norm")(h)
+
+
+class ScanLayer(nn.Module):
+  @nn.compact
+  def __call__(self, carry, scale):
+    return Block(name="block")(carry, scale, shift=0.5), None
+
+
+class Zoo(nn.Module):
+  """Every composition the injection must see through."""
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(16, name="shared")
+    x = shared(x)
+    x = shared(jnp.tanh(x))  # one module, two calls
+    x = nn.remat(Block)(name="remat_block")(x, 2.0, shift=1.0)
+    x, _ = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=nn.broadcast, length=3)(name="stack")(x, 0.5)
+    ensemble = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=2)(4, name="ensemble")
+    return ensemble(x).sum(0) + nn.Dense(4, name="head")(x)
+
+
+X = jax.random.normal(jax.random.key(1), (3, 16))
+
+
+@pytest.fixture(scope="module")
+def zoo_params():
+  return Zoo().init(jax.random.key(0), X)["params"]
+
+
+def _randomize_adapters(params, seed=5):
+  adapters, base = lj.split(params)
+  leaves, treedef = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  adapters = jax.tree.unflatten(
+      treedef, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return lj.combine(adapters, base)
+
+
+def test_adapters_exactly_at_selected_paths(zoo_params):
+  config = lj.LoRAConfig(rank=2, targets=["up", "merge", "shared", "ensemble"],
+                         rank_pattern={"stack/.*": 3})
+  model = lj.inject(Zoo(), config)
+  params = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
+  adapters, base = lj.split(params)
+  assert jax.tree.map(jnp.shape, adapters) == {
+      "shared": {"lora_a": (16, 2), "lora_b": (2, 16)},
+      "remat_block": {"up": {"lora_a": (16, 2), "lora_b": (2, 16)},
+                      "merge": {"lora_a": (2, 8, 2), "lora_b": (2, 16)}},
+      "stack": {"block": {"up": {"lora_a": (3, 16, 3), "lora_b": (3, 3, 16)},
+                          "merge": {"lora_a": (3, 2, 8, 3), "lora_b": (3, 3, 16)}}},
+      "ensemble": {"lora_a": (2, 16, 2), "lora_b": (2, 2, 4)},
+  }
+  assert jax.tree.structure(base) == jax.tree.structure(zoo_params)
+  for given, kept in zip(jax.tree.leaves(zoo_params), jax.tree.leaves(base)):
+    assert given is kept  # never re-initialised, not even copied
+  # init gives the same tree, freshly initialised.
+  fresh = model.init(jax.random.key(0), X)["params"]
+  assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+
+
+def test_targets_lists_candidates_and_selection():
+  every = lj.targets(Zoo(), None, X)
+  assert every == ["shared", "remat_block/up", "remat_block/heads", "remat_block/merge",
+                   "stack/block/up", "stack/block/heads", "stack/block/merge", "ensemble", "head"]
+  assert lj.targets(Zoo(), lj.LoRAConfig(), X) == every[:-1]  # all-linear skips the head
+  assert lj.targets(Zoo(), lj.LoRAConfig(targets=".*/block/.*"), X) == every[4:7]
+  injected = lj.inject(Zoo(), lj.LoRAConfig())
+  assert lj.targets(injected, None, X) == every
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_zero_init_injected_equals_base_bit_for_bit(zoo_params, use_dora):
+  model = lj.inject(Zoo(), lj.LoRAConfig(rank=4, use_dora=use_dora))
+  params = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
+  y, y_base = model.apply({"params": params}, X), Zoo().apply({"params": zoo_params}, X)
+  if use_dora:  # m / ||W|| is 1 up to the rounding of two norm computations
+    np.testing.assert_allclose(y, y_base, rtol=1e-6, atol=1e-6)
+  else:
+    np.testing.assert_array_equal(y, y_base)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merged_params_in_plain_model_give_injected_outputs(zoo_params, use_dora):
+  config = lj.LoRAConfig(rank=4, alpha=6.0, use_dora=use_dora)
+  model = lj.inject(Zoo(), config)
+  params = _randomize_adapters(lj.init_adapters(model, zoo_params, jax.random.key(2), X))
+  y = model.apply({"params": params}, X)
+  assert not np.allclose(y, Zoo().apply({"params": zoo_params}, X), atol=1e-3)
+  merged = lj.merge(params, config)
+  assert jax.tree.structure(merged) == jax.tree.structure(zoo_params)
+  np.testing.assert_allclose(Zoo().apply({"params": merged}, X), y, rtol=1e-5, atol=1e-5)
+
+
+def test_training_moves_only_adapters(zoo_params):
+  config = lj.LoRAConfig(rank=4)
+  model = lj.inject(Zoo(), config)
+  params = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
+  target = jnp.sin(X[:, :4])
+  tx = lj.optimizer(optax.adam(1e-2), params, config)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(lambda q: jnp.mean((model.apply({"params": q}, X) - target) ** 2))(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  new = params
+  losses = []
+  for _ in range(5):
+    new, state, loss = step(new, state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  adapters_old, base_old = lj.split(params)
+  adapters_new, base_new = lj.split(new)
+  for a, b in zip(jax.tree.leaves(base_old), jax.tree.leaves(base_new)):
+    np.testing.assert_array_equal(a, b)
+  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adapters_old),
+                                                      jax.tree.leaves(adapters_new)))
+
+
+def test_init_adapters_abstract_uses_no_memory(zoo_params):
+  model = lj.inject(Zoo(), lj.LoRAConfig(rank=4, use_dora=True))
+  abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), zoo_params)
+  direct = lj.init_adapters(model, abstract_base, jax.random.key(2), X)
+  under = jax.eval_shape(lambda b: lj.init_adapters(model, b, jax.random.key(2), X), abstract_base)
+  concrete = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
+  shapes = lambda t: jax.tree.map(lambda l: (l.shape, l.dtype), t)
+  assert shapes(direct) == shapes(under) == shapes(concrete)
+  assert all(isinstance(l, jax.ShapeDtypeStruct) for l in jax.tree.leaves(direct))
+
+
+def test_init_adapters_dora_magnitude_from_given_kernel(zoo_params):
+  model = lj.inject(Zoo(), lj.LoRAConfig(rank=2, targets=["head"], use_dora=True))
+  params = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
+  np.testing.assert_allclose(params["head"]["lora_magnitude"],
+                             jnp.linalg.norm(zoo_params["head"]["kernel"], axis=0), rtol=1e-6)
+
+
+def test_init_adapters_errors(zoo_params):
+  model = lj.inject(Zoo(), lj.LoRAConfig(rank=2))
+  partial = {k: v for k, v in zoo_params.items() if k != "head"}
+  with pytest.raises(ValueError, match="base_params lack 2 param.*head/bias"):
+    lj.init_adapters(model, partial, jax.random.key(0), X)
+  with pytest.raises(ValueError, match="created no adapters"):
+    lj.init_adapters(Zoo(), zoo_params, jax.random.key(0), X)
+
+
+@pytest.mark.parametrize("config, message", [
+    (lj.LoRAConfig(targets=["q_proj"]), "target 'q_proj' matches no linear layer; linear layers "
+     "of this model: shared, remat_block/up, .*stack/block/up"),
+    (lj.LoRAConfig(targets=["norm"]), "target 'norm' names 'remat_block/norm' \\(LayerNorm\\).*"
+     "not a linear layer"),
+    (lj.LoRAConfig(targets=".*/norm"), "selects no layer \\(it matches only non-linear modules: "
+     "'remat_block/norm' \\(LayerNorm\\)"),
+    (lj.LoRAConfig(targets="nothing.*"), "targets='nothing.\\*'.*selects no layer"),
+    (lj.LoRAConfig(exclude=".*"), "'all-linear' with exclude='.\\*' selects no layer"),
+])
+def test_bad_selection_raises_listing_candidates(config, message):
+  with pytest.raises(ValueError, match=message):
+    lj.inject(Zoo(), config).init(jax.random.key(0), X)
+  with pytest.raises(ValueError, match=message):
+    lj.targets(Zoo(), config, X)
+
+
+def test_bad_regex_and_bad_arguments():
+  with pytest.raises(ValueError, match="not a valid regular expression"):
+    lj.LoRAConfig(targets="(q_proj")
+  with pytest.raises(ValueError, match="expects a flax.linen Module"):
+    lj.inject(lambda x: x, lj.LoRAConfig())
+  with pytest.raises(ValueError, match="expects a LoRAConfig"):
+    lj.inject(Zoo(), {"rank": 4})
+
+
+def test_injected_model_is_a_model_of_the_same_class():
+  model = lj.inject(Zoo(), lj.LoRAConfig())
+  assert isinstance(model, Zoo) and type(model).__name__ == "Zoo"
+  again = lj.inject(model, lj.LoRAConfig(rank=2))  # re-injection replaces the config
+  assert type(again).__mro__[2] is Zoo
+  assert lj.inject(Zoo(), lj.LoRAConfig()) == model  # same class and fields: equal
+  with pytest.raises(ValueError, match="unbound model"):
+    Zoo().bind({"params": {}}).__getattr__  # noqa: B018 (a bound module)
+    lj.inject(Zoo().bind({"params": {}}), lj.LoRAConfig())
+
+
+def test_injected_model_as_a_submodule():
+  inner = lj.inject(Block(), lj.LoRAConfig(rank=2, targets=["up"]))
+
+  class Outer(nn.Module):
+    block: nn.Module
+
+    @nn.compact
+    def __call__(self, x):
+      return self.block(nn.Dense(16, name="pre")(x), 1.0)
+
+  params = Outer(inner).init(jax.random.key(0), X)["params"]
+  assert set(params["block"]["up"]) == {"kernel", "bias", "lora_a", "lora_b"}
+  assert "lora_a" not in params["pre"]  # only the injected part is adapted
+
+
+def test_dropout_through_injection():
+  model = lj.inject(Block(), lj.LoRAConfig(rank=4, targets=["up"], dropout_rate=0.5))
+  params = _randomize_adapters(model.init(jax.random.key(0), X, 1.0)["params"])
+  y = model.apply({"params": params}, X, 1.0)
+  np.testing.assert_array_equal(y, model.apply({"params": params}, X, 1.0))
+  y_drop = model.apply({"params": params}, X, 1.0, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(y, y_drop)
+
+
+# --- models from outside packages --------------------------------------------------------
+
+
+def test_flax_multi_head_attention():
+  """flax's own attention module: DenseGeneral projections over (heads, head_dim)."""
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=6)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+  base = attn.init(jax.random.key(1), x)["params"]
+  config = lj.LoRAConfig(rank=2, targets=["query", "value", "out"])
+  model = lj.inject(attn, config)
+  params = lj.init_adapters(model, base, jax.random.key(2), x)
+  assert jax.tree.map(jnp.shape, lj.split(params)[0]) == {
+      "query": {"lora_a": (6, 2), "lora_b": (2, 2, 4)},
+      "value": {"lora_a": (6, 2), "lora_b": (2, 2, 4)},
+      "out": {"lora_a": (2, 4, 2), "lora_b": (2, 6)}}
+  np.testing.assert_array_equal(model.apply({"params": params}, x), attn.apply({"params": base}, x))
+  params = _randomize_adapters(params)
+  np.testing.assert_allclose(attn.apply({"params": lj.merge(params, config)}, x),
+                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def allow_rank_promotion():
+  """Hugging Face's code relies on implicit rank promotion."""
+  with jax.numpy_rank_promotion("allow"):
+    yield
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+  transformers = pytest.importorskip("transformers")
+  from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLMModule
+  config = transformers.LlamaConfig(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  module = FlaxLlamaForCausalLMModule(config, dtype=jnp.float32)
+  ids = jnp.arange(16).reshape(2, 8) % 64
+  args = (ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(8), (2, 8)))
+  with jax.numpy_rank_promotion("allow"):
+    return module, module.init(jax.random.key(0), *args)["params"], args
+
+
+def test_hugging_face_flax_llama(hf_llama, allow_rank_promotion):
+  """Hugging Face's Flax Llama, unmodified: adapters on q/v, exact at init, merge equal."""
+  module, base, args = hf_llama
+  config = lj.LoRAConfig(rank=2, alpha=4.0, targets=["q_proj", "v_proj"])
+  assert lj.targets(module, config, *args) == [
+      "model/layers/0/self_attn/q_proj", "model/layers/0/self_attn/v_proj",
+      "model/layers/1/self_attn/q_proj", "model/layers/1/self_attn/v_proj"]
+  model = lj.inject(module, config)
+  params = lj.init_adapters(model, base, jax.random.key(1), *args)
+  assert jax.tree.map(jnp.shape, lj.split(params)[0]["model"]["layers"]["1"]) == {
+      "self_attn": {"q_proj": {"lora_a": (32, 2), "lora_b": (2, 32)},
+                    "v_proj": {"lora_a": (32, 2), "lora_b": (2, 16)}}}
+  logits = lambda m, p: m.apply({"params": p}, *args).logits
+  np.testing.assert_array_equal(logits(model, params), logits(module, base))
+  params = _randomize_adapters(params)
+  np.testing.assert_allclose(logits(module, lj.merge(params, config)), logits(model, params),
+                             rtol=1e-5, atol=1e-5)
