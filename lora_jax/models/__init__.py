@@ -1,0 +1,1 @@
+"""Plain Flax (linen) models to fine-tune. They know nothing about LoRA."""

@@ -1,0 +1,494 @@
+"""A Llama-family decoder (Llama 2, 3, 3.1, 3.2) in plain Flax linen.
+
+The model knows nothing about LoRA: every linear layer is a plain `nn.Dense`
+(no bias) called through `__call__`, so adapters can be injected later by
+intercepting those calls. Module names mirror Hugging Face's, so PEFT target
+names (`q_proj`, `down_proj`, ...) carry over:
+
+    embed_tokens/embedding                    (vocab, hidden)
+    layers_{i}/input_layernorm/scale          (hidden,)
+    layers_{i}/self_attn/q_proj/kernel        (hidden, heads * head_dim)
+    layers_{i}/self_attn/{k,v}_proj/kernel    (hidden, kv_heads * head_dim)
+    layers_{i}/self_attn/o_proj/kernel        (heads * head_dim, hidden)
+    layers_{i}/post_attention_layernorm/scale (hidden,)
+    layers_{i}/mlp/{gate,up}_proj/kernel      (hidden, intermediate)
+    layers_{i}/mlp/down_proj/kernel           (intermediate, hidden)
+    norm/scale                                (hidden,)
+    lm_head/kernel                            (hidden, vocab), absent if tied
+
+Kernels are HF's `weight` transposed; RMSNorm's HF `weight` is called `scale`
+here (flax's name). With `scan_layers=True` the layers are one `nn.scan`ned
+module `layers` whose leaves carry a leading layer axis; `stack_layers` and
+`unstack_layers` convert between the two layouts.
+
+Rotary embeddings use HF's rotate-half convention, so HF q/k weights load with
+a transpose only. Every param is an `nn.LogicallyPartitioned` box after
+`init`, named with the logical axes 'vocab', 'embed', 'heads', 'kv', 'mlp',
+'norm' (and 'layers' when scanned); activations are constrained to ('batch',
+'length', ...), a no-op unless logical axis rules are set.
+
+>>> model = Llama(config_for("tiny"))
+>>> ids = jnp.zeros((2, 5), jnp.int32)
+>>> variables = model.init(jax.random.key(0), ids)
+>>> specs = nn.get_partition_spec(variables)["params"]
+>>> tuple(specs["layers_0"]["self_attn"]["q_proj"]["kernel"])
+('embed', 'heads')
+>>> model.apply(nn.unbox(variables), ids).shape
+(2, 5, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1's rotary frequency scaling (HF's `rope_type: "llama3"`)."""
+
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  @classmethod
+  def of(cls, value: Any) -> RopeScaling | None:
+    """From None, a `RopeScaling`, HF's `rope_scaling` dict or a 4-tuple."""
+    if value is None or isinstance(value, cls):
+      return value
+    if isinstance(value, Mapping):
+      kind = value.get("rope_type", value.get("type", "llama3"))
+      if kind != "llama3":
+        raise ValueError(f"Unsupported rope scaling {kind!r}; only 'llama3'.")
+      names = {f.name for f in dataclasses.fields(cls)}
+      return cls(**{k: v for k, v in value.items() if k in names})
+    return cls(*value)
+
+
+# Remat policy names. 'none' (no remat) is also accepted.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture (HF's `LlamaConfig` names) and how to run it.
+
+  `head_dim` defaults to `hidden_size // num_heads`; `rope_scaling` accepts
+  what `RopeScaling.of` does; `dtype` is the compute dtype, `param_dtype` the
+  storage one (strings such as "bfloat16" work). `remat` is 'none' or a key of
+  `REMAT_POLICIES`.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  scan_layers: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Normalised here so that configs from JSON/YAML compare and hash equal.
+    put = functools.partial(object.__setattr__, self)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError("hidden_size must divide by num_heads, or give head_dim.")
+      put("head_dim", self.hidden_size // self.num_heads)
+    put("rope_scaling", RopeScaling.of(self.rope_scaling))
+    put("dtype", jnp.dtype(self.dtype))
+    put("param_dtype", jnp.dtype(self.param_dtype))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError("num_heads must be a multiple of num_kv_heads.")
+    if self.remat != "none" and self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}.")
+
+
+_LLAMA3 = dict(vocab_size=128256, num_heads=32, num_kv_heads=8, rope_theta=500_000.0,
+               max_position_embeddings=131072)
+PRESETS = {
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=4, num_kv_heads=2,
+                        max_position_embeddings=128),
+    "llama-3.2-1b": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+                                tie_word_embeddings=True, **_LLAMA3),
+    "llama-3.1-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), **_LLAMA3),
+    "llama-2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                              num_layers=32, num_heads=32, num_kv_heads=32),
+}
+
+
+def config_for(name: str, **overrides: Any) -> LlamaConfig:
+  """A preset of `PRESETS` with fields replaced, e.g. `scan_layers=True`."""
+  if name not in PRESETS:
+    raise KeyError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+  # The preset's head_dim was derived from these: derive it again.
+  if {"hidden_size", "num_heads"} & overrides.keys() and "head_dim" not in overrides:
+    overrides["head_dim"] = None
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies, float32 (head_dim // 2,), as HF computes them.
+
+  With `rope_scaling` this is HF's `_compute_llama3_parameters`: long
+  wavelengths are divided by `factor`, short ones kept, the band between
+  interpolated smoothly.
+  """
+  dim = config.head_dim
+  exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+  inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  old_len = np.float32(s.original_max_position_embeddings)
+  low_freq_wavelen = old_len / np.float32(s.low_freq_factor)
+  high_freq_wavelen = old_len / np.float32(s.high_freq_factor)
+  wavelen = np.float32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+  smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x (batch, seq, heads, head_dim) by positions (batch, seq), rotate-half."""
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position of each token: how many real tokens precede it (left padding)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Grouped-query attention; softmax in float32.
+
+  Args:
+    q: (batch, q_len, heads, head_dim).
+    k: (batch, kv_len, kv_heads, head_dim); query head i reads kv head
+      i // (heads // kv_heads), as HF's `repeat_kv`.
+    v: like k.
+    allowed: (batch, q_len, kv_len) bool, which keys each query may see.
+
+  Returns:
+    (batch, q_len, heads, head_dim) in v's dtype.
+  """
+  b, q_len, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, q_len, kv_heads, heads // kv_heads, dim)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+  scores = scores * dim ** -0.5
+  # A finite floor, not -inf: a query seeing no key (left padding) gets a
+  # uniform average instead of NaNs.
+  scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, q_len, heads, dim)
+
+
+_INIT = nn.initializers.normal(0.02)  # HF's initializer_range
+
+
+def _dense(config: LlamaConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                  kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, in float32, returned in `dtype`.
+
+  HF rounds to the input dtype before multiplying by its `weight`; here the
+  product is rounded once, at the end.
+  """
+
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x * scale).astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+  """Causal GQA with rotary embeddings and, when `decode`, a KV cache.
+
+  In decode mode the 'cache' collection holds, per layer, `cached_key` and
+  `cached_value` (batch, max_length, kv_heads, head_dim), `cached_mask`
+  (batch, max_length), which slots hold real tokens, and `cache_index`, the
+  next free slot. `init` creates them at the input's length; later calls
+  write their tokens from `cache_index` on and attend to every filled slot.
+  """
+
+  config: LlamaConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, attention_mask, positions=None):
+    c = self.config
+    b, length, _ = x.shape
+    q = _dense(c, c.num_heads * c.head_dim, ("embed", "heads"), "q_proj")(x)
+    k = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj")(x)
+    v = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")(x)
+    q = q.reshape(b, length, c.num_heads, c.head_dim)
+    k = k.reshape(b, length, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, length, c.num_kv_heads, c.head_dim)
+    mask = attention_mask.astype(jnp.bool_)
+    q_slots = k_slots = jnp.arange(length)
+
+    cached = self.decode and self.has_variable("cache", "cached_key")
+    if self.decode:  # Created by `init` (shapes only), updated by `apply`.
+      ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      cm = self.variable("cache", "cached_mask", jnp.zeros, mask.shape, jnp.bool_)
+      ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if cached:
+      index = ci.value
+      cm.value = jax.lax.dynamic_update_slice(cm.value, mask, (0, index))
+      mask = cm.value
+      q_slots, k_slots = index + q_slots, jnp.arange(mask.shape[1])
+      if positions is None:  # Counted over the whole history, not this call.
+        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(mask), index, length, 1)
+    if positions is None:
+      positions = positions_from_mask(mask)
+
+    inv_freq = rope_frequencies(c)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if cached:
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, index, 0, 0))
+      cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, index, 0, 0))
+      ci.value = index + length
+      k, v = ck.value, cv.value
+
+    causal = k_slots[None, :] <= q_slots[:, None]
+    allowed = mask[:, None, :] & causal[None, :, :]
+    out = attention(q, k, v, allowed).reshape(b, length, c.num_heads * c.head_dim)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
+    return _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gate = _dense(c, c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = _dense(c, c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(c, c.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """Pre-norm attention then pre-norm MLP, each with a residual."""
+
+  config: LlamaConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, attention_mask, positions=None):
+    c = self.config
+    norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+    attn = LlamaAttention(c, self.decode, name="self_attn")
+    x = x + attn(norm(name="input_layernorm")(x), attention_mask, positions)
+    x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None  # (carry, per-layer output), the shape nn.scan wants.
+
+
+class Llama(nn.Module):
+  """The decoder: token ids in, float32 logits (batch, seq, vocab) out.
+
+  `__call__(input_ids, attention_mask=None, positions=None, *, decode=False)`:
+  `attention_mask` (batch, seq) is 1 for real tokens, 0 for padding (left or
+  right); `positions` default to the count of real tokens before each one
+  (so left padding needs nothing else). `decode=True` reads and writes the
+  'cache' collection (see `LlamaAttention`, `init_cache`, `generate`).
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, *, decode=False):
+    c = self.config
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+                     name="embed_tokens")
+    x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
+
+    layer = LlamaDecoderLayer
+    if c.remat != "none":
+      # CSE prevention is only needed outside scan's loop; inside it costs speed.
+      layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      layer = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = layer(c, decode, name="layers")(x, attention_mask, positions)
+    else:
+      for i in range(c.num_layers):
+        x, _ = layer(c, decode, name=f"layers_{i}")(x, attention_mask, positions)
+
+    x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(c, c.vocab_size, ("embed", "vocab"), "lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+_LAYER = re.compile(r"layers_(\d+)")
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _stack(*xs: Any) -> Any:
+  if _is_box(xs[0]):
+    value = _stack(*(x.value for x in xs))
+    return xs[0].replace(value=value, names=("layers",) + tuple(xs[0].names))
+  if isinstance(xs[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
+  # numpy stays numpy (host memory) for checkpoint conversion.
+  return (np if all(isinstance(x, np.ndarray) for x in xs) else jnp).stack(xs)
+
+
+def _take(x: Any, i: int) -> Any:
+  if _is_box(x):
+    return x.replace(value=_take(x.value, i), names=tuple(x.names[1:]))
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return x[i]
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """`layers_0..layers_{N-1}` subtrees -> one `layers` with a leading layer axis.
+
+  Works on any collection ('params', 'cache'), on arrays, numpy arrays (kept
+  in host memory), `nn.Partitioned` boxes (gaining a 'layers' axis name) and
+  `jax.ShapeDtypeStruct`s; other keys are kept.
+  """
+  params = dict(params)
+  n = sum(1 for key in params if _LAYER.fullmatch(key))
+  if not n:
+    raise ValueError("No layers_{i} subtrees to stack.")
+  layers = [params.pop(f"layers_{i}") for i in range(n)]
+  params["layers"] = jax.tree.map(_stack, *layers, is_leaf=_is_box)
+  return params
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(n):
+    params[f"layers_{i}"] = jax.tree.map(functools.partial(_take, i=i), stacked, is_leaf=_is_box)
+  return params
+
+
+def init_cache(model: Llama, batch_size: int, max_length: int) -> Any:
+  """A zeroed 'cache' collection for `max_length` tokens (no params built)."""
+  ids = jnp.zeros((batch_size, max_length), jnp.int32)
+  init = functools.partial(model.init, decode=True)
+  shapes = jax.eval_shape(init, jax.random.key(0), ids)["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def generate(model: Llama, params: Any, prompt_ids: jax.Array, *, max_new_tokens: int,
+             temperature: float = 0.0, rng: jax.Array | None = None,
+             attention_mask: jax.Array | None = None) -> jax.Array:
+  """Continues prompts with a KV cache: prefill in one call, then a token a step.
+
+  Args:
+    model: a `Llama`.
+    params: its params (boxed or not).
+    prompt_ids: (batch, prompt_len) int; pad prompts on the left.
+    max_new_tokens: how many tokens to add (no early stop at EOS).
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    rng: key for sampling; required when temperature > 0.
+    attention_mask: (batch, prompt_len), 1 for real prompt tokens.
+
+  Returns:
+    (batch, prompt_len + max_new_tokens) int32: the prompts, then new tokens.
+  """
+  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+  if attention_mask is None:
+    attention_mask = jnp.ones(prompt_ids.shape, jnp.bool_)
+  if temperature < 0 or (temperature > 0 and rng is None):
+    raise ValueError("temperature must be >= 0, and sampling needs an rng.")
+  if max_new_tokens <= 0:
+    return prompt_ids
+  new = _generate(model, params, prompt_ids, jnp.asarray(attention_mask, jnp.bool_),
+                  jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
+                  max_new_tokens=max_new_tokens, greedy=temperature == 0)
+  return jnp.concatenate([prompt_ids, new], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy"))
+def _generate(model, params, prompt_ids, attention_mask, rng, temperature, *,
+              max_new_tokens, greedy):
+  batch, prompt_len = prompt_ids.shape
+
+  def step(cache, ids, mask, key):
+    logits, variables = model.apply({"params": params, "cache": cache}, ids, mask,
+                                    decode=True, mutable=["cache"])
+    logits = logits[:, -1]
+    if greedy:
+      token = jnp.argmax(logits, axis=-1)
+    else:
+      token = jax.random.categorical(key, logits / temperature, axis=-1)
+    return variables["cache"], token.astype(jnp.int32)
+
+  keys = jax.random.split(rng, max_new_tokens)
+  cache = init_cache(model, batch, prompt_len + max_new_tokens)
+  cache, token = step(cache, prompt_ids, attention_mask, keys[0])
+
+  def body(carry, key):
+    cache, token = carry
+    ids = token[:, None]
+    cache, following = step(cache, ids, jnp.ones(ids.shape, jnp.bool_), key)
+    return (cache, following), token
+
+  (_, last), tokens = jax.lax.scan(body, (cache, token), keys[1:])
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1)
