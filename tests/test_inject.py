@@ -290,3 +290,67 @@ def test_hugging_face_flax_llama(hf_llama, allow_rank_promotion):
   params = _randomize_adapters(params)
   np.testing.assert_allclose(logits(module, lj.merge(params, config)), logits(model, params),
                              rtol=1e-5, atol=1e-5)
+
+
+# --- the reference Llama ---------------------------------------------------------------
+
+from lora_jax.models.llama import Llama, config_for, stack_layers  # noqa: E402
+
+IDS = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 8)), jnp.int32)
+
+
+def _llama_params(config, seed=0):
+  """Unboxed random params, filled on the host (faster than compiling init)."""
+  shapes = nn.unbox(jax.eval_shape(Llama(config).init, jax.random.key(0), IDS)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * s.shape[-1] ** -0.5)
+                      .astype(np.float32), shapes)
+
+
+def _logits(model):
+  return jax.jit(lambda p: model.apply({"params": p}, IDS))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers_i", "scanned"])
+def test_reference_llama(scan):
+  llama = Llama(config_for("tiny", scan_layers=scan))
+  base = _llama_params(llama.config)
+  config = lj.LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+  model = lj.inject(llama, config)
+  params = lj.init_adapters(model, base, jax.random.key(2), IDS)
+  lead = (2,) if scan else ()
+  layer = {"self_attn": {"q_proj": {"lora_a": lead + (64, 4), "lora_b": lead + (4, 64)},
+                         "v_proj": {"lora_a": lead + (64, 4), "lora_b": lead + (4, 32)}},
+           "mlp": {"down_proj": {"lora_a": lead + (128, 4), "lora_b": lead + (4, 64)}}}
+  expected = {"layers": layer} if scan else {"layers_0": layer, "layers_1": layer}
+  assert jax.tree.map(jnp.shape, lj.split(params)[0]) == expected
+  np.testing.assert_array_equal(_logits(model)(params), _logits(llama)(base))
+  params = _randomize_adapters(params)
+  y = _logits(model)(params)
+  np.testing.assert_allclose(_logits(llama)(lj.merge(params, config)), y, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_llama_scanned_equals_unscanned_with_adapters():
+  config = lj.LoRAConfig(rank=4, use_dora=True)
+  flat = lj.inject(Llama(config_for("tiny")), config)
+  params = _randomize_adapters(
+      lj.init_adapters(flat, _llama_params(flat.config), jax.random.key(2), IDS))
+  scanned = lj.inject(Llama(config_for("tiny", scan_layers=True)), config)
+  np.testing.assert_allclose(_logits(scanned)(stack_layers(params)), _logits(flat)(params),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_plan_an_8b_model_without_memory():
+  """All-linear r=16 on Llama-3.1-8B: PEFT's 41,943,040 adapter params, abstractly."""
+  llama = Llama(config_for("llama-3.1-8b", scan_layers=True))
+  ids = jnp.zeros((1, 4), jnp.int32)
+  config = lj.LoRAConfig(rank=16, alpha=32)
+  assert lj.targets(llama, config, ids) == [
+      f"layers/{m}" for m in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj",
+                              "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                              "mlp/down_proj")]
+  base = nn.unbox(jax.eval_shape(llama.init, jax.random.key(0), ids)["params"])
+  params = lj.init_adapters(lj.inject(llama, config), base, jax.random.key(1), ids)
+  counts = lj.count(params)
+  assert counts["lora"] == 41_943_040
+  assert counts["frozen"] == 8_030_261_248
