@@ -1,0 +1,178 @@
+"""A jitted, sharded LoRA train step (what `pjit` was: `jax.jit` with shardings).
+
+The step takes the adapters (and `trainable` params), their optimizer state,
+the frozen base and a batch. Adapters and optimizer state are donated and
+returned; the base is an argument the step neither donates nor returns, so no
+step copies it, and gradients are taken with respect to the adapters only, so
+the base costs no weight gradients. Every input and output has an explicit
+sharding, so after the first call the step never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lora_jax.config import LoRAConfig
+from lora_jax.sharding import (
+    DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
+from lora_jax.tree import combine, split
+
+# (params, batch, rng) -> (summed loss, summed weight): the step divides once,
+# so gradient accumulation gives exactly the full batch's mean.
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def causal_lm_loss(model: nn.Module) -> LossFn:
+  """Next-token cross entropy for a model called as `model(input_ids, attention_mask)`.
+
+  The batch holds `input_ids` (batch, seq) and optionally `attention_mask`
+  (1 for real tokens) and `loss_mask` (1 for tokens to predict, e.g. the
+  completion of an instruction; defaults to every real token). A `'dropout'`
+  rng is passed, so adapter dropout runs in training.
+  """
+  def loss_fn(params, batch, rng):
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32))
+    logits = model.apply({"params": params}, ids, mask, rngs={"dropout": rng})
+    weights = (batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights), jnp.sum(weights)
+  return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A compiled-once sharded step, and where its inputs live.
+
+  Attributes:
+    step: `(adapters, opt_state, base, batch, rng) -> (adapters, opt_state,
+      metrics)`, metrics `{'loss', 'tokens', 'grad_norm'}` (replicated).
+    adapter_shardings: shardings of the trained leaves (adapters and
+      `trainable` params), each adapter placed like its kernel.
+    base_shardings: shardings of the frozen leaves.
+    opt_shardings: the optimizer state's, following its params.
+    batch_sharding: inputs split over the `data` and `fsdp` mesh axes.
+  """
+
+  step: Callable
+  init_opt_state: Callable
+  config: LoRAConfig | None
+  adapter_shardings: Any
+  base_shardings: Any
+  opt_shardings: Any
+  batch_sharding: NamedSharding
+
+  def place(self, params: Mapping) -> tuple[Any, Any, Any]:
+    """Splits unboxed params and puts them on the mesh.
+
+    Returns:
+      `(adapters, opt_state, base)`, sharded as the step expects.
+    """
+    adapters, base = split(params, self.config)
+    # A copy: the step donates the adapters, and the caller keeps what it passed in.
+    adapters = jax.device_put(jax.tree.map(jnp.copy, adapters), self.adapter_shardings)
+    base = jax.device_put(base, self.base_shardings)
+    return adapters, self.init_opt_state(adapters), base
+
+  def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Puts a global batch (on every host the same) on the mesh."""
+    return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    abstract_params: Mapping,
+    config: LoRAConfig | None = None,
+    *,
+    rules=DEFAULT_RULES,
+    accum_steps: int = 1,
+) -> TrainStep:
+  """Builds the sharded LoRA train step.
+
+  Args:
+    loss_fn: `(params, batch, rng) -> (summed loss, summed weight)`, e.g.
+      `causal_lm_loss(model)`.
+    tx: the optimizer of the trained leaves, e.g. `optax.adamw(1e-4)` or
+      `lora_jax.optimizer(...)` for LoRA+. The frozen base never reaches it.
+    mesh: from `lora_jax.sharding.make_mesh`.
+    abstract_params: `jax.eval_shape(model.init, ...)['params']`: shapes and
+      logical axis names (boxed), no memory.
+    config: its `trainable` rules decide what trains besides the adapters.
+    rules: logical axis rules.
+    accum_steps: split each batch into this many micro-batches, accumulating
+      gradients (the update equals the full batch's).
+
+  Returns:
+    A `TrainStep`.
+  """
+  if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+    raise ValueError(f"accum_steps={accum_steps!r}: must be an integer >= 1")
+  shardings = param_shardings(abstract_params, mesh, rules)
+  adapter_sh, base_sh = split(shardings, config)
+  if not adapter_sh:
+    raise ValueError("abstract_params hold no adapters or trainable params: nothing to train")
+  abstract_adapters = split(nn.unbox(abstract_params), config)[0]
+  opt_sh = follow_params(jax.eval_shape(tx.init, abstract_adapters), abstract_adapters,
+                         adapter_sh, mesh)
+  batch_sh = batch_sharding(mesh)
+  scalar = replicated(mesh)
+
+  def grads_of(adapters, base, batch, rng):
+    def total(a):
+      return loss_fn(combine(a, base), batch, rng)
+    (loss, weight), grads = jax.value_and_grad(total, has_aux=True)(adapters)
+    return loss, weight, grads
+
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def train_step(adapters, opt_state, base, batch, rng):
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % (accum_steps * shards):
+      raise ValueError(
+          f"batch size {sorted(sizes)} must be one size, divisible by accum_steps "
+          f"({accum_steps}) x the data and fsdp mesh axes ({shards})")
+    if accum_steps == 1:
+      loss, weight, grads = grads_of(adapters, base, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i + k, i + 2k, ...: every device keeps its
+      # share of every micro-batch, so the split moves no data.
+      def micro(x):
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def body(carry, inputs):
+        index, mb = inputs
+        mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: batch_sh, mb))
+        loss, weight, grads = grads_of(adapters, base, mb, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, weight, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+               jax.tree.map(jnp.zeros_like, adapters))
+      micro_batches = jax.tree.map(micro, dict(batch))
+      (loss, weight, grads), _ = jax.lax.scan(
+          body, zeros, (jnp.arange(accum_steps), micro_batches))
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    adapters = optax.apply_updates(adapters, updates)
+    metrics = {"loss": loss / weight, "tokens": weight, "grad_norm": optax.global_norm(grads)}
+    return adapters, opt_state, metrics
+
+  step = jax.jit(
+      train_step,
+      in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, scalar),
+      out_shardings=(adapter_sh, opt_sh, scalar),
+      donate_argnums=(0, 1))
+  return TrainStep(step, jax.jit(tx.init, out_shardings=opt_sh), config, adapter_sh, base_sh,
+                   opt_sh, batch_sh)
