@@ -166,7 +166,7 @@ def make_train_step(
     grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, adapters)
     adapters = optax.apply_updates(adapters, updates)
-    metrics = {"loss": loss / weight, "tokens": weight, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss / weight, "tokens": weight, "grad_norm": optax.tree.norm(grads)}
     return adapters, opt_state, metrics
 
   step = jax.jit(
