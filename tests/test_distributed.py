@@ -1,0 +1,64 @@
+"""Two processes x 4 CPU devices (gloo) train exactly like one process x 8 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multihost_worker
+from lora_jax import distributed
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+TIMEOUT = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+  out = tmp_path / "adapters.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, "2", str(i), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:  # never leave a worker behind
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, text in zip(procs, outputs):
+    assert p.returncode == 0, text[-3000:]
+  multi = dict(np.load(out))
+  single = multihost_worker.train_tiny()  # this process: 8 devices, one host
+  assert multi.keys() == single.keys() and len(single) == 14
+  for key in single:
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_initialize_checks_its_arguments(monkeypatch):
+  for name in distributed.ENV:
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ValueError, match="give all of coordinator_address"):
+    distributed.initialize("127.0.0.1:1234", 2)
+  monkeypatch.setenv("LORA_JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="must be integers"):
+    distributed.initialize()
+  with pytest.raises(ValueError, match=r"process_id=3 is outside \[0, 2\)"):
+    distributed.initialize("127.0.0.1:1234", 2, 3)
+
+
+def test_host_rows_single_process():
+  from lora_jax import sharding
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert distributed.host_rows(sharding.batch_sharding(mesh), 16) == slice(0, 16)
