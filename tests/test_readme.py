@@ -13,9 +13,12 @@ def test_readme_has_snippets():
   assert len(SNIPPETS) >= 2
 
 
+@pytest.fixture(scope="module")
+def namespace():
+  """One namespace for the whole README: later snippets build on earlier ones."""
+  return {}
+
+
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_snippet_runs(index, capsys):
-  namespace = {}
-  if index > 0:  # later snippets build on the quick start
-    exec(compile(SNIPPETS[0], "README.md[0]", "exec"), namespace)
+def test_snippet_runs(index, namespace, capsys):
   exec(compile(SNIPPETS[index], f"README.md[{index}]", "exec"), namespace)
