@@ -10,6 +10,7 @@ sharding, so after the first call the step never recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,23 +31,55 @@ from lora_jax.tree import combine, split
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def causal_lm_loss(model: nn.Module) -> LossFn:
+def causal_lm_loss(model: nn.Module, *, dropout: bool = True) -> LossFn:
   """Next-token cross entropy for a model called as `model(input_ids, attention_mask)`.
 
   The batch holds `input_ids` (batch, seq) and optionally `attention_mask`
   (1 for real tokens) and `loss_mask` (1 for tokens to predict, e.g. the
-  completion of an instruction; defaults to every real token). A `'dropout'`
-  rng is passed, so adapter dropout runs in training.
+  completion of an instruction; defaults to every real token). With
+  `dropout` a `'dropout'` rng is passed, so adapter dropout runs (training);
+  without, the model is deterministic (evaluation).
   """
   def loss_fn(params, batch, rng):
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32))
-    logits = model.apply({"params": params}, ids, mask, rngs={"dropout": rng})
+    rngs = {"dropout": rng} if dropout else {}
+    logits = model.apply({"params": params}, ids, mask, rngs=rngs)
     weights = (batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(nll * weights), jnp.sum(weights)
   return loss_fn
+
+
+class InMesh:
+  """A jitted function traced and run under its mesh and logical-axis rules.
+
+  Models annotate activations with `nn.with_logical_constraint`; those are
+  no-ops unless a mesh and rules are in context when the function is traced.
+  Without them XLA places activations by propagation alone, and for FSDP it
+  may keep the whole batch's activations on every device.
+  """
+
+  def __init__(self, fn: Callable, mesh: Mesh, rules):
+    self.fn, self.mesh, self.rules = fn, mesh, tuple(rules)
+
+  def _context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def __call__(self, *args):
+    with self._context():
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with self._context():
+      return self.fn.lower(*args)
+
+  def _cache_size(self) -> int:
+    return self.fn._cache_size()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +202,10 @@ def make_train_step(
     metrics = {"loss": loss / weight, "tokens": weight, "grad_norm": optax.tree.norm(grads)}
     return adapters, opt_state, metrics
 
-  step = jax.jit(
+  step = InMesh(jax.jit(
       train_step,
       in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, scalar),
       out_shardings=(adapter_sh, opt_sh, scalar),
-      donate_argnums=(0, 1))
+      donate_argnums=(0, 1)), mesh, rules)
   return TrainStep(step, jax.jit(tx.init, out_shardings=opt_sh), config, adapter_sh, base_sh,
                    opt_sh, batch_sh)

@@ -131,6 +131,11 @@ PRESETS = {
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                         num_layers=2, num_heads=4, num_kv_heads=2,
                         max_position_embeddings=128),
+    # The shipped byte-level model (lora_jax/assets/tiny-kjv): 256 bytes + 3 specials,
+    # padded to 320 so the vocabulary axis divides by common mesh sizes.
+    "tiny-byte": LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=384,
+                             num_layers=4, num_heads=4, num_kv_heads=2,
+                             max_position_embeddings=512),
     "llama-3.2-1b": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_layers=16,
                                 rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
                                 tie_word_embeddings=True, **_LLAMA3),
