@@ -34,11 +34,9 @@ count ("loop-aware"); the LoRA/full FLOP ratio uses that figure.
 `lora_jax.sharding.collective_bytes` also counts a loop body once; the
 loop-aware collective bytes are printed beside it.
 
-`make_train_step` traces the step without a mesh context or logical axis
-rules, so the model's `nn.with_logical_constraint` annotations on activations
-are no-ops and XLA's sharding propagation alone decides where activations
-live. `--constrain-activations` traces under `jax.set_mesh(mesh)` and
-`nn.logical_axis_rules(DEFAULT_RULES)` to show what those annotations change.
+Activations: `make_train_step`'s step traces (and runs) under
+`jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, so the model's
+`nn.with_logical_constraint` annotations place them (split over the batch).
 
 For a per-buffer breakdown, add XLA's dump flags, e.g.
 `XLA_FLAGS=--xla_dump_to=/tmp/dump python benchmarks/fit.py`, and read
@@ -229,14 +227,11 @@ def global_bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a,
-                 constrain_activations: bool = False) -> dict:
+def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a) -> dict:
   """Compiles one train step for abstract sharded arguments and reads XLA's figures.
 
-  With `constrain_activations`, the step is traced under `jax.set_mesh(mesh)` and
-  `nn.logical_axis_rules(DEFAULT_RULES)`, so that the model's own
-  `nn.with_logical_constraint` annotations on activations take effect (without
-  them they are no-ops and XLA's sharding propagation alone places activations).
+  `ts.step.lower` traces under the step's mesh and logical axis rules, so the
+  model's activation annotations take effect.
   """
   t0 = time.perf_counter()
   ids = jnp.zeros((1, 8), jnp.int32)
@@ -253,11 +248,7 @@ def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a,
                                          sharding=ts.batch_sharding)},
       jax.random.key(0),
   )
-  if constrain_activations:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-      lowered = ts.step.lower(*args)
-  else:
-    lowered = ts.step.lower(*args)
+  lowered = ts.step.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -338,9 +329,8 @@ def print_report(env: dict, a, steps: dict, platform_name: str) -> None:
         f"mesh {mesh}; batch {a.batch} x seq {a.seq}; AdamW")
   print(f"LoRA: rank {a.rank}, alpha {2 * a.rank}, all-linear, fp32 adapters; "
         f"full FT: every param trains, AdamW state in the params' dtype")
-  print("activations: " + ("constrained by the model's logical axis annotations "
-                           "(--constrain-activations)" if a.constrain_activations else
-                           "placed by XLA's sharding propagation (make_train_step as is)"))
+  print("activations: constrained by the model's logical axis annotations "
+        "(make_train_step traces under the mesh and rules)")
   names = list(steps)
   lora, full = steps.get("lora"), steps.get("full")
   both = lora is not None and full is not None
@@ -416,9 +406,6 @@ def parse_args(argv=None):
   p.add_argument("--devices", type=int, default=8,
                  help="simulated CPU devices (ignored when XLA_FLAGS already sets a count)")
   p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
-  p.add_argument("--constrain-activations", action="store_true",
-                 help="trace under jax.set_mesh and nn.logical_axis_rules(DEFAULT_RULES), so the "
-                      "model's activation annotations take effect (make_train_step alone does not)")
   p.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
   return p.parse_args(argv)
 
@@ -436,12 +423,10 @@ def main(argv=None):
   lora_config = lora_jax.LoRAConfig(rank=a.rank, alpha=2 * a.rank)
 
   steps = {}
-  steps["lora"] = analyse_step(lora_jax.inject(base_model, lora_config), lora_config, mesh, a,
-                               a.constrain_activations)
+  steps["lora"] = analyse_step(lora_jax.inject(base_model, lora_config), lora_config, mesh, a)
   print(f"[LoRA step compiled in {steps['lora']['compile_s']:.1f} s]", file=sys.stderr, flush=True)
   if not a.no_full:
-    steps["full"] = analyse_step(base_model, lora_jax.LoRAConfig(trainable=[".*"]), mesh, a,
-                                 a.constrain_activations)
+    steps["full"] = analyse_step(base_model, lora_jax.LoRAConfig(trainable=[".*"]), mesh, a)
     print(f"[full FT step compiled in {steps['full']['compile_s']:.1f} s]", file=sys.stderr,
           flush=True)
 

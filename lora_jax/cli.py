@@ -1,0 +1,97 @@
+"""The `lora-jax` command (also `python -m lora_jax`).
+
+    lora-jax train [--config FILE] [section.key=value ...]
+    lora-jax info [--config FILE] [section.key=value ...]
+    lora-jax generate [--base MODEL] [--adapter DIR] [--prompt TEXT] ...
+    lora-jax merge --adapter DIR --output DIR [--base MODEL]
+    lora-jax pretrain [--config FILE] [...]      (how the shipped tiny model was made)
+
+Bad input gives a one-line error and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA fine-tuning for JAX/Flax.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--config", help="YAML run config (default: the built-in demo)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="replace single config values, e.g. train.steps=100")
+    return p
+
+  train = with_config("train", "fine-tune with LoRA; resumes from output_dir")
+  train.add_argument("--no-progress", action="store_true", help="no progress bar")
+  with_config("info", "model size, trainable params and the layers the config adapts")
+  pretrain = with_config("pretrain", "train every param from the config's base (no LoRA)")
+  pretrain.add_argument("--no-progress", action="store_true")
+
+  gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
+  gen.add_argument("--base", default="builtin:tiny-kjv", help="model directory or builtin:NAME")
+  gen.add_argument("--adapter", help="an adapter directory (a run's output_dir/adapter)")
+  gen.add_argument("--prompt", default="", help="text to continue")
+  gen.add_argument("--max-new-tokens", type=int, default=200)
+  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--seed", type=int, default=0)
+
+  merge = sub.add_parser("merge", help="fold an adapter into its base: a new model directory")
+  merge.add_argument("--base", default="builtin:tiny-kjv")
+  merge.add_argument("--adapter", required=True)
+  merge.add_argument("--output", required=True)
+  merge.add_argument("--dtype", help="e.g. bfloat16 (default: keep each param's dtype)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except USAGE_ERRORS as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"lora-jax {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+  # Imported here so that `--help` and argument errors answer at once.
+  from lora_jax import recipe, run
+  from lora_jax.recipe import ModelSection
+
+  if args.command in ("train", "pretrain", "info"):
+    cfg = recipe.load(args.config, args.overrides)
+    if args.command == "info":
+      facts = run.describe(cfg)
+      print(f"model: {cfg.model.base}, {facts['layers']} layers, {facts['params']:,} params")
+      print(f"trainable: {facts['trainable']:,} "
+            f"({100 * facts['trainable'] / facts['params']:.3f}%)")
+      print(f"adapted layers ({len(facts['targets'])}):")
+      for path in facts["targets"]:
+        print(f"  {path}")
+      return 0
+    result = run.train_run(cfg, progress=not args.no_progress, full=args.command == "pretrain")
+    if "eval_before" in result:
+      print(f"eval loss: {result['eval_before']:.4f} -> {result['eval_after']:.4f}")
+    return 0
+  if args.command == "generate":
+    section = ModelSection(base=args.base)
+    print(args.prompt + run.generate_text(
+        section, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed))
+    return 0
+  path = run.merge_adapter(ModelSection(base=args.base), args.adapter, args.output,
+                           dtype=args.dtype)
+  print(f"merged model: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

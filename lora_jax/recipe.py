@@ -1,0 +1,222 @@
+"""Run configs: what `lora-jax train` reads from YAML, validated.
+
+A run config has five sections, each a frozen dataclass: `model` (which base,
+and how to run it), `lora` (a `LoRAConfig`), `data`, `train` and `mesh`, plus
+`output_dir`. YAML gives the values; `key.sub=value` overrides on the command
+line replace single fields. Every unknown key is an error that names it and
+suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_jax.config import LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """The base model.
+
+  Attributes:
+    base: `builtin:tiny-kjv` (the shipped model), a model directory (a
+      `model.json` and Orbax `params/`, as `lora-jax merge` writes), or
+      `preset:NAME` for a randomly initialised preset (planning, tests).
+    scan_layers: stack the layers with `nn.scan` (fast compiles, big models).
+    remat: 'none', 'full', 'dots' or 'dots_with_no_batch_dims'.
+    dtype: compute dtype, e.g. 'bfloat16' on TPU.
+    param_dtype: storage dtype of the base params.
+  """
+
+  base: str = "builtin:tiny-kjv"
+  scan_layers: bool = False
+  remat: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  """Training text.
+
+  Attributes:
+    train: files or directories (.txt, .jsonl), or `builtin:devil` /
+      `builtin:kjv` for the shipped corpora.
+    eval: held-out data in the same forms; empty: `eval_fraction` of train.
+    eval_fraction: share of the training rows held out when `eval` is empty.
+    seq_len: tokens per row.
+    packing: pack examples into full rows (else one example per row, padded).
+    documents: how plain text splits into examples: 'file', 'paragraphs',
+      'lines'.
+  """
+
+  train: tuple[str, ...] = ("builtin:devil",)
+  eval: tuple[str, ...] = ()
+  eval_fraction: float = 0.05
+  seq_len: int = 128
+  packing: bool = True
+  documents: str = "paragraphs"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+  """The optimisation.
+
+  Attributes:
+    steps: optimizer steps.
+    batch_size: global batch (rows), split over the data and fsdp mesh axes.
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up, then cosine decay to `final_lr_fraction`.
+    final_lr_fraction: where the cosine ends, as a share of the peak.
+    weight_decay: AdamW's decoupled weight decay.
+    lora_plus_ratio: LoRA+ (B's learning rate multiplier), or None.
+    accum_steps: gradient accumulation micro-batches.
+    eval_every: steps between evaluations (0: only before and after).
+    eval_batches: batches per evaluation.
+    save_every: steps between checkpoints.
+    keep: checkpoints kept.
+    seed: data order and adapter initialisation.
+  """
+
+  steps: int = 300
+  batch_size: int = 16
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  final_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  lora_plus_ratio: float | None = None
+  accum_steps: int = 1
+  eval_every: int = 100
+  eval_batches: int = 4
+  save_every: int = 100
+  keep: int = 2
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  """Mesh axis sizes; one may be -1 for the devices left over."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+
+SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection,
+            "train": TrainSection, "mesh": MeshSection}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A whole run; `from_dict` validates every key."""
+
+  model: ModelSection = ModelSection()
+  lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0)
+  data: DataSection = DataSection()
+  train: TrainSection = TrainSection()
+  mesh: MeshSection = MeshSection()
+  output_dir: str = "runs/default"
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+    if not isinstance(data, Mapping):
+      raise ValueError(f"a run config must be a mapping, got {type(data).__name__}")
+    _check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
+    values = {}
+    for name, section in SECTIONS.items():
+      given = data.get(name) or {}
+      if not isinstance(given, Mapping):
+        raise ValueError(f"config section '{name}' must be a mapping, got {given!r}")
+      values[name] = _build(section, given, name)
+    if "output_dir" in data:
+      values["output_dir"] = str(data["output_dir"])
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {name: (getattr(self, name).to_dict() if name == "lora"
+                  else _plain(dataclasses.asdict(getattr(self, name)))) for name in SECTIONS}
+    out["output_dir"] = self.output_dir
+    return out
+
+  def to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(d: dict) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_keys(data: Mapping, known: Sequence[str], prefix: str) -> None:
+  for key in data:
+    if key not in known:
+      close = difflib.get_close_matches(str(key), list(known), n=1)
+      hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(known)}"
+      raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, data: Mapping[str, Any], section: str) -> Any:
+  if cls is LoRAConfig:
+    _check_keys(data, [f.name for f in dataclasses.fields(LoRAConfig)], "lora.")
+    return LoRAConfig(**{"rank": 8, "alpha": 16.0, **data})
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  _check_keys(data, list(fields), f"{section}.")
+  values = {}
+  for name, value in data.items():
+    default = fields[name].default
+    if isinstance(default, tuple):
+      value = (value,) if isinstance(value, str) else tuple(value or ())
+    elif isinstance(default, bool):
+      if not isinstance(value, bool):
+        raise ValueError(f"config {section}.{name}={value!r}: must be true or false")
+    elif isinstance(default, int) and not isinstance(default, bool):
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config {section}.{name}={value!r}: must be an integer")
+    elif isinstance(default, float) or (default is None and name.endswith("ratio")):
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config {section}.{name}={value!r}: must be a number")
+      value = None if value is None else float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+      raise ValueError(f"config {section}.{name}={value!r}: must be a string")
+    values[name] = value
+  return cls(**values)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """`section.key=value` strings applied to a config dict; values parse as YAML."""
+  data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+    value = yaml.safe_load(raw) if raw else ""
+    parts = key.split(".")
+    if len(parts) == 1:
+      data[key] = value
+    elif len(parts) == 2:
+      section = data.setdefault(parts[0], {})
+      if not isinstance(section, dict):
+        raise ValueError(f"override '{item}': '{parts[0]}' is not a section")
+      section[parts[1]] = value
+    else:
+      raise ValueError(f"override '{item}': keys have the form section.key")
+  return data
+
+
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+  """Reads a YAML run config (or the defaults) and applies overrides."""
+  data: dict[str, Any] = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+      data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ValueError(f"{path} is not valid YAML: {e}") from None
+  return RunConfig.from_dict(apply_overrides(data, overrides))

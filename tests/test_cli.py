@@ -1,0 +1,81 @@
+"""The `lora-jax` command: a real run on a tiny model, and one-line errors for bad input."""
+
+import numpy as np
+import pytest
+
+from lora_jax import cli, run
+from lora_jax.recipe import ModelSection
+
+TINY = ["model.base=preset:tiny-byte", "data.train=builtin:devil", "data.seq_len=32",
+        "train.batch_size=8", "train.eval_every=0", "train.eval_batches=1", "train.save_every=2"]
+
+
+def lora_jax(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run") / "r"
+  code = cli.main(["train", *TINY, "train.steps=4", f"output_dir={out}", "--no-progress"])
+  assert code == 0
+  return out
+
+
+def test_train_writes_adapter_and_merged_model_and_resumes(finished_run, capsys):
+  assert (finished_run / "adapter").is_dir() and (finished_run / "merged" / "model.json").exists()
+  assert sorted(p.name for p in (finished_run / "checkpoints").iterdir() if p.name.isdigit()) == [
+      "2", "4"]
+  code, out, _ = lora_jax(capsys, "train", *TINY, "train.steps=6", f"output_dir={finished_run}",
+                          "--no-progress")
+  assert code == 0 and "resuming from step 4" in out
+
+
+def test_merged_model_generates_like_base_plus_adapter(finished_run):
+  base = ModelSection(base="preset:tiny-byte")
+  with_adapter = run.generate_text(base, "ABSURDITY, n.", adapter=str(finished_run / "adapter"),
+                                   max_new_tokens=16)
+  merged = run.generate_text(ModelSection(base=str(finished_run / "merged")), "ABSURDITY, n.",
+                             max_new_tokens=16)
+  assert with_adapter == merged
+
+
+def test_info_lists_adapted_layers(capsys):
+  code, out, _ = lora_jax(capsys, "info", "model.base=preset:tiny-byte", "lora.targets=[q_proj]")
+  assert code == 0
+  assert "adapted layers (4):" in out and "layers_3/self_attn/q_proj" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["train", "train.stpes=3"], "did you mean 'train.steps'"),
+    (["train", *TINY, "mesh.data=3"], "8 devices do not divide by 3"),
+    (["train", *TINY, "mesh.data=2", "mesh.fsdp=8"], "needs 16 devices, but there are 8"),
+    (["train", *TINY, "train.batch_size=12"], "batch_size=12 must divide by the data x fsdp"),
+    (["train", "model.base=nowhere"], "nowhere is not a model directory"),
+    (["train", *TINY, "data.train=nothing.txt"], "nothing.txt"),
+    (["generate", "--adapter", "no/adapter", "--base", "preset:tiny-byte"],
+     "holds no lora_jax adapter checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+  code, _, err = lora_jax(capsys, *argv, *([f"output_dir={tmp_path}/o"] if argv[0] == "train"
+                                           else []))
+  assert code == 2
+  assert err.count("\n") == 1 and err.startswith(f"lora-jax {argv[0]}: error:")
+  assert message in err
+
+
+def test_output_dir_of_another_run_is_refused(finished_run, capsys):
+  code, _, err = lora_jax(capsys, "train", *TINY, "lora.rank=4", f"output_dir={finished_run}")
+  assert code == 2 and "holds a different run's checkpoints" in err
+
+
+def test_python_dash_m_help():
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "lora_jax", "--help"], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0 and "train" in proc.stdout and "generate" in proc.stdout
+  np.testing.assert_equal(proc.stderr, "")
