@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -121,12 +122,24 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
 
 
 def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
-  """Raises `ValueError` naming the first adapter path that does not fit `base`."""
+  """Raises `ValueError` naming the first adapter path that does not fit `base`.
+
+  `base` may be the plain model's params or the base side of `split(params,
+  config)` (which lacks the `trainable` params: those are then not checked).
+  """
   def walk(tree: Mapping, base_tree: Any, prefix: str):
+    if isinstance(base_tree, Mapping):
+      base_tree = {**base_tree, **{k: v for k, v in tree.items()
+                                   if not isinstance(v, Mapping) and k not in ADAPTER_LEAVES
+                                   and k not in base_tree}}
     for key, value in tree.items():
       path = f"{prefix}/{key}" if prefix else str(key)
       if isinstance(value, Mapping):
         if not isinstance(base_tree, Mapping) or key not in base_tree:
+          holds_adapters = any(k in ADAPTER_LEAVES for kp, _ in
+                               jax.tree_util.tree_leaves_with_path(value) for k in [kp[-1].key])
+          if not holds_adapters:  # trainable params that this base side does not hold
+            continue
           raise ValueError(f"adapter '{path}' has no layer in the base params")
         walk(value, base_tree[key], path)
       elif key in ADAPTER_LEAVES:
@@ -192,7 +205,11 @@ class TrainCheckpointer:
   Call `save(state)` after every step: it writes every `save_every` steps
   (asynchronously: training goes on while the files are written), and at
   once when SIGTERM arrived, after which it waits for the write and exits
-  with status 0. `restore` returns the newest complete checkpoint, skipping
+  with status 0. SIGTERM only sets a flag until the next `save`; a second
+  SIGTERM ends the process at once. On several hosts the signal handler is
+  not installed: JAX's pre-emption notice (`reached_preemption`) decides, the
+  same step on every host. Saving a step that exists (a resumed run redoing
+  it) replaces it. `restore` returns the newest complete checkpoint, skipping
   (and reporting) damaged ones; unfinished writes are never listed.
 
   Example:
@@ -217,10 +234,16 @@ class TrainCheckpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=asynchronous))
-    self._check_config()
+    try:
+      self._check_config()
+    except ValueError:
+      self._manager.close()
+      raise
     self._terminate = False
     self._previous_handler = None
-    if handle_sigterm:
+    # With several hosts each would see SIGTERM at a different step; there JAX's own
+    # pre-emption notice (`reached_preemption`) gives every host the same step instead.
+    if handle_sigterm and jax.process_count() == 1:
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _check_config(self) -> None:
@@ -235,7 +258,10 @@ class TrainCheckpointer:
       marker.write_text(self.config.to_json())
 
   def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    if self._terminate:  # a second SIGTERM: no more waiting for the training loop
+      self._restore_handler()
+      os.kill(os.getpid(), signum)
     self._terminate = True
 
   @property
@@ -249,8 +275,13 @@ class TrainCheckpointer:
     Returns:
       Whether a checkpoint was started.
     """
-    due = force or self._terminate or state.step % self.save_every == 0
-    if due and state.step not in self._manager.all_steps():
+    due = (force or self._terminate or state.step % self.save_every == 0
+           or self._manager.reached_preemption(state.step))
+    if due:
+      if state.step in self._manager.all_steps():
+        # A resumed run recomputing a step it saved before (perhaps damaged): replace it.
+        self._manager.wait_until_finished()
+        self._manager.delete(state.step)
       rng = state.rng
       if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
@@ -297,7 +328,8 @@ class TrainCheckpointer:
                     str(e).splitlines()[0][:200])
         continue
       tree, meta = restored["state"], restored["meta"]
-      key = jax.random.wrap_key_data(tree["rng"]) if typed else tree["rng"]
+      key = (jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(abstract.rng))
+             if typed else tree["rng"])
       return TrainState(meta["step"], tree["adapters"], tree["opt_state"], key, meta["data"])
     return None
 
@@ -313,6 +345,9 @@ class TrainCheckpointer:
     """Waits for pending writes and restores the previous SIGTERM handler."""
     self._manager.wait_until_finished()
     self._manager.close()
+    self._restore_handler()
+
+  def _restore_handler(self) -> None:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 import threading
 from collections.abc import Mapping
@@ -28,6 +29,10 @@ from lora_jax.layers import (
 from lora_jax.tree import combine, split
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+# The calls that compute `x @ kernel`. A subclass's own `__call__` around them (say,
+# `super().__call__(x) * 2`) passes through: adapting the inner call keeps the math
+# equal to `merge`, which folds the update into the kernel.
+_LINEAR_CALLS = tuple(inspect.unwrap(cls.__call__) for cls in LINEAR_TYPES)
 
 
 @dataclasses.dataclass
@@ -70,7 +75,9 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
       return next_fun(*args, **kwargs)
     survey.linear.setdefault(path, type(module).__name__)
     outputs = next_fun(*args, **kwargs)
-    if config is None or not config.selects(path):
+    if (config is None or not config.selects(path)
+        or inspect.unwrap(getattr(context.orig_method, "func", context.orig_method))
+        not in _LINEAR_CALLS):
       return outputs
     survey.adapted.setdefault(path)
     inputs, contraction = _contraction(module, args, kwargs)
@@ -247,15 +254,18 @@ def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sampl
     ValueError: when the model creates no adapter, or needs params that
       `base_params` lacks.
   """
-  def make(key, base):
-    _, state = model.apply({"params": base}, *sample_args, rngs={"params": key},
-                           mutable=["params"], **sample_kwargs)
-    return state["params"]
+  rngs = dict(sample_kwargs.pop("rngs", None) or {})
 
+  def make(key, base):
+    _, state = model.apply({"params": base}, *sample_args, rngs={**rngs, "params": key},
+                           mutable=["params"], **sample_kwargs)
+    return split(state["params"])
+
+  # Shapes first (no memory); then only the adapters are computed, never a copy of the base.
+  adapters, rest = jax.eval_shape(make, rng, base_params)
   abstract = any(isinstance(l, jax.ShapeDtypeStruct) for l in jax.tree.leaves(base_params))
-  full = (jax.eval_shape if abstract else jax.jit(make))(
-      *((make,) if abstract else ()), rng, base_params)
-  adapters, rest = split(full)
+  if not abstract and adapters:
+    adapters = jax.jit(lambda key, base: make(key, base)[0])(rng, base_params)
   if not adapters:
     raise ValueError("the model created no adapters: inject(model, config) first, or use "
                      "LoRA layers")

@@ -140,8 +140,12 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
       if isinstance(value, Mapping):
         out[key] = walk(value, path)
       elif key not in ADAPTER_LEAVES:
-        names = value.names if isinstance(value, nn.Partitioned) else None
-        spec = nn.logical_to_mesh_axes(names, rules) if names is not None else None
+        if isinstance(value, nn.LogicallyPartitioned):
+          spec = nn.logical_to_mesh_axes(value.names, rules)
+        elif isinstance(value, nn.Partitioned):  # `nn.with_partitioning`: mesh axes already
+          spec = P(*value.names)
+        else:
+          spec = None
         out[key] = _spec_tuple(spec, len(nn.meta.unbox(value).shape))
     for key in ADAPTER_LEAVES:  # after the kernel, whose spec they copy
       if key in tree:
@@ -224,8 +228,11 @@ def collective_bytes(compiled: Any) -> dict[str, int]:
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   totals: dict[str, int] = {}
-  for shape, kind, _ in _COLLECTIVE.findall(text):
+  for shape, kind, start in _COLLECTIVE.findall(text):
+    arrays = _ARRAY.findall(shape)
+    if start and len(arrays) > 1:  # async: (operand, result, ...): the result is what moves
+      arrays = arrays[1:2]
     size = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shape))
+               for dtype, dims in arrays)
     totals[kind] = totals.get(kind, 0) + size
   return totals

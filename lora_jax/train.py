@@ -19,12 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lora_jax.config import LoRAConfig
 from lora_jax.sharding import (
     DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
-from lora_jax.tree import combine, split
+from lora_jax.tree import check_trainable_rules, combine, split
 
 # (params, batch, rng) -> (summed loss, summed weight): the step divides once,
 # so gradient accumulation gives exactly the full batch's mean.
@@ -151,6 +151,11 @@ def make_train_step(
   """
   if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps!r}: must be an integer >= 1")
+  check_trainable_rules(abstract_params, config)
+  # The step relies on sharding propagation (GSPMD): Explicit mesh axes would demand an
+  # out_sharding on every ambiguous op of the model. Same devices, Auto axes; `place` and
+  # `shard_batch` put inputs there.
+  mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
   shardings = param_shardings(abstract_params, mesh, rules)
   adapter_sh, base_sh = split(shardings, config)
   if not adapter_sh:

@@ -71,13 +71,7 @@ def optimizer(
     An `optax.partition` transformation.
   """
   labels = jax.tree.leaves(partition(params, config))
-  if config is not None:
-    paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
-    used = {config.trainable_rule(p) for p in paths}
-    unused = [rule for rule in config.trainable if rule not in used]
-    if unused:
-      raise ValueError(f"trainable rule {unused[0]!r} matches no param; params are named "
-                       f"like {', '.join(paths[:4])}")
+  check_trainable_rules(params, config)
   if LORA not in labels and TRAINABLE not in labels:
     raise ValueError(
         "params hold no adapter leaves (lora_a/lora_b/lora_magnitude) and no trainable "
@@ -100,6 +94,18 @@ def optimizer(
   return optax.partition(
       transforms, lambda tree: jax.tree_util.tree_map_with_path(
           lambda kp, _: group(join_path(kp)), tree))
+
+
+def check_trainable_rules(params: Any, config: LoRAConfig | None) -> None:
+  """Raises `ValueError` for a `trainable` rule that matches no param (a typo trains nothing)."""
+  if config is None or not config.trainable:
+    return
+  paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+  used = {config.trainable_rule(p) for p in paths}
+  unused = [rule for rule in config.trainable if rule not in used]
+  if unused:
+    raise ValueError(f"trainable rule {unused[0]!r} matches no param; params are named "
+                     f"like {', '.join(paths[:4])}")
 
 
 def _is_adapter(path: str, config: LoRAConfig | None) -> bool:

@@ -57,6 +57,8 @@ def test_adapter_round_trip_is_small_and_exact(tmp_path, params):
   assert _files_bytes(tmp_path / "adapter") <= 1.1 * leaf_bytes + 16_384
   assert leaf_bytes < base_bytes  # the base is not in there
   assert "norm" in restored  # the trainable extra is
+  # The base side of split(params, config) lacks the trainable params: still a valid target.
+  checkpoint.load_adapter(tmp_path / "adapter", target=base)
 
 
 def test_adapter_never_overwrites_and_missing_is_clear(tmp_path, params):
@@ -250,3 +252,20 @@ def test_killed_runs_resume_bit_identical(tmp_path):
   assert got.keys() == expected.keys()
   for key in expected:
     np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_rng_implementations_and_replaced_steps(tmp_path, train_setup):
+  config, make = train_setup
+  ts, (adapters, opt_state, _) = make((8, 1, 1))
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, config, save_every=1, handle_sigterm=False)
+  key = jax.random.key(5, impl="rbg")
+  ckpt.save(checkpoint.TrainState(1, adapters, opt_state, key, {"position": 1}))
+  ckpt.save(checkpoint.TrainState(1, adapters, opt_state, key, {"position": 7}))  # redone
+  ckpt.wait()
+  abstract = _abstract_state(ts, adapters, opt_state)
+  abstract.rng = key
+  restored = ckpt.restore(abstract)
+  ckpt.close()
+  assert restored.data == {"position": 7}
+  assert jax.random.key_impl(restored.rng) == jax.random.key_impl(key)
+  np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(key))

@@ -354,3 +354,28 @@ def test_plan_an_8b_model_without_memory():
   counts = lj.count(params)
   assert counts["lora"] == 41_943_040
   assert counts["frozen"] == 8_030_261_248
+
+
+def test_dense_subclass_calling_super_is_adapted_once():
+  """The adapter sits on the `x @ kernel` call, so the merged kernel gives the same result."""
+  class Doubled(nn.Dense):
+    def __call__(self, x):
+      return super().__call__(x) * 2
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Doubled(4, name="proj")(x)
+
+  config = lj.LoRAConfig(rank=2)
+  model = lj.inject(Net(), config)
+  params = _randomize_adapters(model.init(jax.random.key(0), X)["params"])
+  np.testing.assert_allclose(Net().apply({"params": lj.merge(params, config)}, X),
+                             model.apply({"params": params}, X), rtol=1e-5, atol=1e-5)
+
+
+def test_init_adapters_takes_extra_rngs(zoo_params):
+  model = lj.inject(Zoo(), lj.LoRAConfig(rank=2, targets=["head"]))
+  params = lj.init_adapters(model, zoo_params, jax.random.key(2), X,
+                            rngs={"dropout": jax.random.key(3)})
+  assert "lora_a" in params["head"]

@@ -125,3 +125,24 @@ def test_collective_bytes_reads_compiled_hlo():
   counts = sharding.collective_bytes(compiled)
   assert counts.get("all-reduce", 0) == 16 * 4  # one f32[16] partial sum per device
   assert sharding.collective_bytes("no collectives here") == {}
+
+
+def test_mesh_axis_names_are_used_as_they_are():
+  """`nn.with_partitioning` names mesh axes, not logical ones: no rules apply."""
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), ("fsdp", "tensor"))
+  abstract = jax.eval_shape(lj.LoRADense(8, kernel_init=init).init, jax.random.key(0),
+                            jnp.ones((2, 8)))["params"]
+  specs = jax.tree.map(lambda s: s.spec,
+                       sharding.param_shardings(abstract, sharding.make_mesh(1, 2, 4)))
+  assert specs["kernel"] == P("fsdp", "tensor") and specs["lora_a"] == P("fsdp", None)
+
+
+def test_collective_bytes_counts_async_results_once():
+  hlo = """
+  %ag = (f32[4,8]{1,0}, f32[32,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dimensions={0}
+  %agd = f32[32,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[32,8]{1,0}) %ag)
+  %cp = (f32[16]{0}, f32[16]{0}, u32[], u32[]) collective-permute-start(f32[16]{0} %q)
+  %ar = f32[10]{0} all-reduce(f32[10]{0} %r), to_apply=%add
+  """
+  assert sharding.collective_bytes(hlo) == {
+      "all-gather": 32 * 8 * 4, "collective-permute": 16 * 4, "all-reduce": 40}

@@ -149,3 +149,21 @@ def test_lora_moves_few_more_collective_bytes_than_the_frozen_model():
         f"bound {bound:,}")
   assert ref_bytes > 0
   assert lora_bytes <= bound
+
+
+def test_explicit_axis_mesh_works():
+  from jax.sharding import AxisType
+  model, config, abstract, params = setup(scan=False)
+  t = train.make_train_step(train.causal_lm_loss(model), optax.adam(1e-3),
+                            sharding.make_mesh(2, 2, 2, axis_types=AxisType.Explicit), abstract,
+                            config)
+  adapters, opt_state, base = t.place(params)
+  _, _, metrics = t.step(adapters, opt_state, base, t.shard_batch(BATCH), jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_trainable_rule_typo_is_refused():
+  model, _, abstract, _ = setup()
+  with pytest.raises(ValueError, match="trainable rule 'lm_haed' matches no param"):
+    train.make_train_step(train.causal_lm_loss(model), optax.adam(1e-3), sharding.make_mesh(),
+                          abstract, lj.LoRAConfig(rank=4, alpha=8.0, trainable=["lm_haed"]))
