@@ -67,3 +67,8 @@ def test_every_shipped_config_builds_abstractly(path, monkeypatch):
   shardings = sharding.param_shardings(abstract, mesh)
   assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(abstract))
   assert cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+
+
+def test_default_yaml_is_what_no_config_means():
+  shipped = recipe.load(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+  assert shipped == recipe.RunConfig()
