@@ -79,3 +79,12 @@ def test_python_dash_m_help():
                         text=True, timeout=120)
   assert proc.returncode == 0 and "train" in proc.stdout and "generate" in proc.stdout
   np.testing.assert_equal(proc.stderr, "")
+
+
+def test_default_run_on_the_shipped_model_learns(tmp_path, capsys):
+  """The built-in demo, shortened: the shipped model loads and the loss drops."""
+  code, out, _ = lora_jax(capsys, "train", "train.steps=30", "train.eval_every=0",
+                          "train.eval_batches=2", f"output_dir={tmp_path}/d", "--no-progress")
+  assert code == 0
+  before, after = (float(x) for x in out.split("eval loss: ")[1].split()[::2][:2])
+  assert after < before - 0.3
