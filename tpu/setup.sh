@@ -49,35 +49,8 @@ note() {
   printf '%s: %s\n' "$PROG" "$1" >&2
 }
 
-# Print one argument as shell input: bare when that is safe, else single-quoted.
-quote() {
-  local s=$1 q="'\\''"
-  if [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/$q}"
-  fi
-}
-
-show() {
-  local arg
-  printf '+'
-  for arg in "$@"; do
-    printf ' '
-    quote "$arg"
-  done
-  printf '\n'
-}
-
-# Run a command, or with --dry-run only print it.
-run() {
-  if ((DRY_RUN)); then
-    show "$@"
-  else
-    printf '%s\n' "$(show "$@")" >&2
-    "$@"
-  fi
-}
+# shellcheck source=tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 script_dir=${BASH_SOURCE[0]%/*}
 [[ $script_dir == "${BASH_SOURCE[0]}" ]] && script_dir=.

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Helpers shared by setup.sh and launch.sh (sourced; they set DRY_RUN).
+
+# Print one argument as shell input: bare when that is safe, else single-quoted.
+quote() {
+  local s=$1 q="'\\''"
+  if [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$s"
+  else
+    printf "'%s'" "${s//\'/$q}"
+  fi
+}
+
+show() {
+  local arg
+  printf '+'
+  for arg in "$@"; do
+    printf ' '
+    quote "$arg"
+  done
+  printf '\n'
+}
+
+# Run a command, or with --dry-run only print it.
+run() {
+  if ((DRY_RUN)); then
+    show "$@"
+  else
+    printf '%s\n' "$(show "$@")" >&2
+    "$@"
+  fi
+}
