@@ -74,14 +74,11 @@ if __name__ == "__main__":
                                f" {_DEVICE_FLAG}={_devices_from_argv(sys.argv[1:])}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
-import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -90,6 +87,7 @@ import optax  # noqa: E402
 import lora_jax  # noqa: E402
 from lora_jax import sharding, train  # noqa: E402
 from lora_jax.models import llama  # noqa: E402
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 GiB = 1 << 30
 HBM_PER_CHIP = {"v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
@@ -290,24 +288,6 @@ def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a) -> dict
 def _peak_rss() -> int:
   """This process's peak resident set so far (ru_maxrss is KiB on Linux)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def machine() -> dict:
-  """Where and with what the figures were taken."""
-  cpu = platform.processor()
-  if not cpu and os.path.exists("/proc/cpuinfo"):  # empty on most Linux systems
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-  u = platform.uname()
-  now = datetime.datetime.now(datetime.timezone.utc)
-  devices = jax.devices()
-  return dict(
-      machine=f"{cpu or u.machine} ({u.system} {u.release} {u.machine})",
-      cpu_count=os.cpu_count(),
-      devices=f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
-      jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-      date=now.isoformat(timespec="seconds"))
-
 
 # ----------------------------------------------------------------------------
 # Report.

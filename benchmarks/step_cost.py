@@ -17,14 +17,11 @@ Usage: python benchmarks/step_cost.py [--width 64 --batch 8] [--no-time] [--json
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +29,7 @@ import numpy as np
 import optax
 
 import lora_jax
+from machine import machine  # benchmarks/machine.py
 
 FLOP_RATIO_TARGET = 0.70
 
@@ -85,21 +83,6 @@ def wall_time(compiled, state, rest, steps: int = 10) -> float:
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
   return float(np.median(times))
-
-
-def machine() -> dict:
-  """Where and with what the figures were taken."""
-  cpu = platform.processor()
-  if not cpu and os.path.exists("/proc/cpuinfo"):  # empty on most Linux systems
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-  u = platform.uname()
-  now = datetime.datetime.now(datetime.timezone.utc)
-  return dict(
-      machine=f"{cpu or u.machine} ({u.system} {u.release} {u.machine})",
-      cpu_count=os.cpu_count(), device=jax.devices()[0].device_kind, jax=jax.__version__,
-      flax=flax.__version__, optax=optax.__version__, date=now.isoformat(timespec="seconds"))
-
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -17,7 +17,6 @@ import inspect
 import re
 import threading
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax

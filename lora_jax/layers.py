@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import opt_einsum
 
 from lora_jax.config import AdapterSpec
