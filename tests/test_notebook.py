@@ -75,7 +75,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   print(f"notebook ran in {elapsed:.1f}s\n{printed}")
   assert "lora_jax is already installed" in printed  # the install cell did not pip install
   assert result["small"] and result["backend"].lower() == "agg"
-  assert result["steps"] == result["plotted_points"] == 30
+  assert result["steps"] == result["plotted_points"] == 100
   assert result["last_loss"] < result["first_loss"]
   assert result["eval_after"] < result["eval_before"]
   assert result["merge_diff"] < 1e-3
