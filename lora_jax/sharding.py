@@ -74,7 +74,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *,
     ValueError: when the sizes do not multiply to the number of devices.
 
   Example:
-    >>> make_mesh(2, -1, 2, devices=jax.devices()[:8]).shape
+    >>> dict(make_mesh(2, -1, 2, devices=jax.devices()[:8]).shape)
     {'data': 2, 'fsdp': 2, 'tensor': 2}
   """
   devices = list(jax.devices() if devices is None else devices)

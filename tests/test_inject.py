@@ -1,5 +1,7 @@
 """Injection into unmodified linen models: ours, flax's and Hugging Face's."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,13 @@ X = jax.random.normal(jax.random.key(1), (3, 16))
 
 @pytest.fixture(scope="module")
 def zoo_params():
-  return Zoo().init(jax.random.key(0), X)["params"]
+  return jax.jit(Zoo().init)(jax.random.key(0), X)["params"]
+
+
+@functools.cache
+def _zoo_apply(model):
+  """One compiled forward per model (eager scan and remat are slow)."""
+  return jax.jit(lambda p: model.apply({"params": p}, X))
 
 
 def _randomize_adapters(params, seed=5):
@@ -78,7 +86,7 @@ def test_adapters_exactly_at_selected_paths(zoo_params):
   for given, kept in zip(jax.tree.leaves(zoo_params), jax.tree.leaves(base)):
     assert given is kept  # never re-initialised, not even copied
   # init gives the same tree, freshly initialised.
-  fresh = model.init(jax.random.key(0), X)["params"]
+  fresh = jax.eval_shape(model.init, jax.random.key(0), X)["params"]
   assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
 
 
@@ -96,7 +104,7 @@ def test_targets_lists_candidates_and_selection():
 def test_zero_init_injected_equals_base_bit_for_bit(zoo_params, use_dora):
   model = lj.inject(Zoo(), lj.LoRAConfig(rank=4, use_dora=use_dora))
   params = lj.init_adapters(model, zoo_params, jax.random.key(2), X)
-  y, y_base = model.apply({"params": params}, X), Zoo().apply({"params": zoo_params}, X)
+  y, y_base = _zoo_apply(model)(params), _zoo_apply(Zoo())(zoo_params)
   if use_dora:  # m / ||W|| is 1 up to the rounding of two norm computations
     np.testing.assert_allclose(y, y_base, rtol=1e-6, atol=1e-6)
   else:
@@ -108,11 +116,11 @@ def test_merged_params_in_plain_model_give_injected_outputs(zoo_params, use_dora
   config = lj.LoRAConfig(rank=4, alpha=6.0, use_dora=use_dora)
   model = lj.inject(Zoo(), config)
   params = _randomize_adapters(lj.init_adapters(model, zoo_params, jax.random.key(2), X))
-  y = model.apply({"params": params}, X)
-  assert not np.allclose(y, Zoo().apply({"params": zoo_params}, X), atol=1e-3)
+  y = _zoo_apply(model)(params)
+  assert not np.allclose(y, _zoo_apply(Zoo())(zoo_params), atol=1e-3)
   merged = lj.merge(params, config)
   assert jax.tree.structure(merged) == jax.tree.structure(zoo_params)
-  np.testing.assert_allclose(Zoo().apply({"params": merged}, X), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_zoo_apply(Zoo())(merged), y, rtol=1e-5, atol=1e-5)
 
 
 def test_training_moves_only_adapters(zoo_params):
