@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
-# Helpers shared by setup.sh and launch.sh (sourced; they set DRY_RUN).
+# Helpers shared by setup.sh and launch.sh (sourced; they set PROG and DRY_RUN).
+
+die_usage() {
+  printf '%s: %s (see --help)\n' "$PROG" "$1" >&2
+  exit 2
+}
+
+die() {
+  printf '%s: %s\n' "$PROG" "$1" >&2
+  exit 1
+}
 
 # Print one argument as shell input: bare when that is safe, else single-quoted.
 quote() {

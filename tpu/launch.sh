@@ -46,16 +46,6 @@ Examples:
 EOF
 }
 
-die_usage() {
-  printf '%s: %s (see --help)\n' "$PROG" "$1" >&2
-  exit 2
-}
-
-die() {
-  printf '%s: %s\n' "$PROG" "$1" >&2
-  exit 1
-}
-
 # shellcheck source=tpu/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

@@ -35,16 +35,6 @@ On a multi-host slice run this on every worker at the same time (launch.sh
 EOF
 }
 
-die_usage() {
-  printf '%s: %s (see --help)\n' "$PROG" "$1" >&2
-  exit 2
-}
-
-die() {
-  printf '%s: %s\n' "$PROG" "$1" >&2
-  exit 1
-}
-
 note() {
   printf '%s: %s\n' "$PROG" "$1" >&2
 }
