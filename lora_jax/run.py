@@ -206,7 +206,17 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
     log(f"eval loss before: {result['eval_before']:.4f}")
 
   bar = _progress(t.steps, state.step, progress)
-  tokens, start = 0, time.perf_counter()
+  tokens, start, pending = 0, time.perf_counter(), None
+
+  def report(metrics) -> None:
+    # Reads a step's metrics once the next step is queued: the host never waits on the
+    # device between steps just to draw the progress bar.
+    nonlocal tokens
+    tokens += int(metrics["tokens"])
+    rate = tokens / max(time.perf_counter() - start, 1e-9)
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
+
   while state.step < t.steps:
     batch = distributed.host_batch(next(loader), step.batch_sharding, t.batch_size)
     rng = jax.random.fold_in(state.rng, state.step)
@@ -214,12 +224,13 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
     state = checkpoint.TrainState(state.step + 1, new_adapters, opt_state, state.rng,
                                   loader.state())
     ckpt.save(state)
-    tokens += int(metrics["tokens"])
-    rate = tokens / max(time.perf_counter() - start, 1e-9)
-    bar.update(1)
-    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
+    if pending is not None:
+      report(pending)
+    pending = metrics
     if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
       bar.write(f"step {state.step}: eval loss {evaluate(state.adapters, base):.4f}")
+  if pending is not None:
+    report(pending)
   bar.close()
   ckpt.save(state, force=True)
   ckpt.close()
