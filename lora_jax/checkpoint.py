@@ -29,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
 from lora_jax.layers import geometry_from_shapes
 from lora_jax.tree import merge, split
 
@@ -136,9 +136,8 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
       path = f"{prefix}/{key}" if prefix else str(key)
       if isinstance(value, Mapping):
         if not isinstance(base_tree, Mapping) or key not in base_tree:
-          holds_adapters = any(k in ADAPTER_LEAVES for kp, _ in
-                               jax.tree_util.tree_leaves_with_path(value) for k in [kp[-1].key])
-          if not holds_adapters:  # trainable params that this base side does not hold
+          leaves = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(value)]
+          if not any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in leaves):  # trainable params that this base side does not hold
             continue
           raise ValueError(f"adapter '{path}' has no layer in the base params")
         walk(value, base_tree[key], path)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import ALL_LINEAR, LoRAConfig
+from lora_jax.config import ALL_LINEAR, LoRAConfig, join_path
 from lora_jax.layers import (
     _Adapted, add_adapter, dense_contraction, dense_general_contraction, einsum_contraction)
 from lora_jax.tree import combine, split
@@ -268,16 +268,12 @@ def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sampl
   if not adapters:
     raise ValueError("the model created no adapters: inject(model, config) first, or use "
                      "LoRA layers")
-  missing = sorted(set(_leaf_paths(rest)) - set(_leaf_paths(base_params)))
+  missing = sorted(set(_leaf_paths(rest)) - set(_leaf_paths(nn.unbox(base_params))))
   if missing:
     raise ValueError(f"base_params lack {len(missing)} param(s) the model needs, e.g. "
                      f"{', '.join(missing[:3])}")
   return combine(adapters, base_params)
 
 
-def _leaf_paths(tree: Mapping, prefix: str = "") -> list[str]:
-  out = []
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    out += _leaf_paths(value, path) if isinstance(value, Mapping) else [path]
-  return out
+def _leaf_paths(tree: Mapping) -> list[str]:
+  return [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]

@@ -255,7 +255,6 @@ def test_loader_errors():
 
 def test_batches_feed_causal_lm_loss_on_the_mesh(tmp_path):
   import jax
-  import jax.numpy as jnp
   from lora_jax.distributed import host_rows
   import flax.linen as nn
   from lora_jax.sharding import batch_sharding, make_mesh
