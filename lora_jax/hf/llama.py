@@ -1,0 +1,375 @@
+"""transformers Llama checkpoints in and out, and the names both sides use.
+
+The reference Llama (`lora_jax.models.llama`) names its modules as
+transformers' `LlamaForCausalLM` does, so names translate one to one:
+
+    layers_3/self_attn/q_proj (kernel)   <->  model.layers.3.self_attn.q_proj.weight
+    embed_tokens (embedding)             <->  model.embed_tokens.weight
+    layers_3/input_layernorm (scale)     <->  model.layers.3.input_layernorm.weight
+    lm_head (kernel)                     <->  lm_head.weight
+
+Linear weights are stored (out, in) by torch and (in, out) by flax: kernels
+are transposes, and so are PEFT's `lora_A.weight` (r, in) and `lora_B.weight`
+(out, r) of flax's `lora_a` (in, r) and `lora_b` (r, out). Both models apply
+rotary embeddings in the rotate-half convention, so q/k weights of HF
+checkpoints (already permuted for it when converted from Meta's) need no
+re-permutation.
+
+* `load_llama`: `config.json` + `model.safetensors` (or a sharded index) into
+  `Llama`, each tensor read straight into its shards when a mesh is given.
+* `save_llama` / `export_merged_safetensors`: a checkpoint transformers loads.
+
+Only safetensors are read: pickled `pytorch_model.bin` files would need torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lora_jax.config import LoRAConfig
+from lora_jax.models.llama import Llama, LlamaConfig, unstack_layers
+from lora_jax.tree import merge
+
+_LAYER = re.compile(r"(?<![^/])layers_(\d+)(?=/|$)")
+_HF_LAYER = re.compile(r"(?<![^.])layers\.(\d+)(?=\.|$)")
+# Where a flax param's HF name differs: every leaf of the Llama is called `weight`.
+_HF_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_LLAMA_MODULE = re.compile(
+    r"embed_tokens|norm|lm_head|layers_\d+/(input_layernorm|post_attention_layernorm"
+    r"|self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)")
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
+# --- names -----------------------------------------------------------------
+
+def hf_module(path: str) -> str:
+  """transformers' name of a Llama module: `layers_0/mlp/up_proj` -> `model.layers.0.mlp.up_proj`.
+
+  Raises:
+    ValueError: when `path` is no module of the reference Llama.
+  """
+  if not _LLAMA_MODULE.fullmatch(path):
+    raise ValueError(f"'{path}' is not a module of the reference Llama, so it has no name "
+                     "in transformers' LlamaForCausalLM")
+  if path == "lm_head":
+    return path
+  return "model." + _LAYER.sub(r"layers.\1", path).replace("/", ".")
+
+
+def jax_module(name: str) -> str:
+  """The inverse of `hf_module`: `model.layers.0.mlp.up_proj` -> `layers_0/mlp/up_proj`."""
+  path = _HF_LAYER.sub(r"layers_\1", name.removeprefix("model.")).replace(".", "/")
+  if not _LLAMA_MODULE.fullmatch(path) or hf_module(path) != name:
+    raise ValueError(f"'{name}' is not a module of transformers' LlamaForCausalLM")
+  return path
+
+
+def hf_param(path: str) -> str:
+  """HF tensor name of a Llama param path (`layers_0/mlp/up_proj/kernel` -> `...up_proj.weight`)."""
+  module, leaf = path.rsplit("/", 1)
+  if leaf not in _HF_PARAM:
+    raise ValueError(f"'{path}' is not a param of the reference Llama")
+  return f"{hf_module(module)}.{_HF_PARAM[leaf]}"
+
+
+def jax_param(name: str) -> str:
+  """The inverse of `hf_param`."""
+  module, leaf = name.rsplit(".", 1)
+  path = jax_module(module)
+  if leaf == "bias":
+    return f"{path}/bias"
+  kind = path.rsplit("/", 1)[-1]
+  return f"{path}/{'embedding' if kind == 'embed_tokens' else 'scale' if kind.endswith('norm') else 'kernel'}"
+
+
+def to_hf(path: str, x: np.ndarray) -> np.ndarray:
+  """A flax leaf in torch's layout (kernels transposed)."""
+  return x.T if path.endswith("/kernel") else x
+
+
+# --- config.json -----------------------------------------------------------
+
+def llama_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+  """A `LlamaConfig` from transformers' `config.json` contents.
+
+  Args:
+    hf: the parsed `config.json` of a `LlamaForCausalLM`.
+    **overrides: run options such as `scan_layers=True`, `dtype`, `remat`.
+
+  Raises:
+    ValueError: naming any setting the reference Llama does not implement.
+  """
+  if hf.get("model_type", "llama") != "llama":
+    raise ValueError(f"config.json has model_type {hf['model_type']!r}; only 'llama' loads")
+  unsupported = {k: hf[k] for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
+                                        ("mlp_bias", False)) if hf.get(k, ok) != ok}
+  if unsupported:
+    raise ValueError(f"config.json sets {unsupported}, which the reference Llama lacks")
+  rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+  if rope.get("rope_type", rope.get("type", "default")) == "default":
+    rope = None
+  fields = dict(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=theta, rope_scaling=rope,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_word_embeddings=hf.get("tie_word_embeddings", False))
+  return LlamaConfig(**{**fields, **overrides})
+
+
+def hf_config(config: LlamaConfig, dtype: Any) -> dict[str, Any]:
+  """transformers' `config.json` for a `LlamaConfig`, weights stored in `dtype`."""
+  c = config
+  rope = None
+  if c.rope_scaling is not None:
+    s = c.rope_scaling
+    rope = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False, "vocab_size": c.vocab_size,
+      "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+      "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": rope,
+      "max_position_embeddings": c.max_position_embeddings,
+      "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": jnp.dtype(dtype).name,
+  }
+
+
+# --- reading ---------------------------------------------------------------
+
+class _Tensors:
+  """The tensors of `model.safetensors` or of the shards its index names, read lazily."""
+
+  def __init__(self, directory: Path):
+    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {name: directory / file for name, file in weight_map.items()}
+    elif single.is_file():
+      with safe_open(single, "numpy") as f:
+        self.files = {name: single for name in f.keys()}
+    else:
+      raise FileNotFoundError(
+          f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
+          "(pickled .bin checkpoints are not read; re-save with safe_serialization=True)")
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    with safe_open(self.files[name], "numpy") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def read(self, name: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
+    """`index` of the tensor, or of its transpose: only those bytes are read."""
+    with safe_open(self.files[name], "numpy") as f:
+      part = f.get_slice(name)[tuple(reversed(index)) if transpose else index]
+    return part.T if transpose else part
+
+
+def _reader(tensors: _Tensors, path: str, shape: tuple[int, ...], stacked: bool
+            ) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """Reads `index` of the flax param `path` (layer-stacked: one tensor a layer)."""
+  transpose = path.endswith("/kernel")
+  if not stacked:
+    return lambda index: tensors.read(hf_param(path), index, transpose)
+  per_layer = [hf_param(path.replace("layers/", f"layers_{i}/", 1)) for i in range(shape[0])]
+  return lambda index: np.stack([tensors.read(per_layer[i], index[1:], transpose)
+                                 for i in range(shape[0])[index[0]]])
+
+
+def _expected(abstract: Mapping, scanned: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """HF tensor name -> (flax path, HF shape) for every param of the model."""
+  plain = unstack_layers(abstract) if scanned else abstract
+  out = {}
+  for kp, leaf in jax.tree_util.tree_leaves_with_path(plain):
+    path = "/".join(k.key for k in kp)
+    shape = leaf.shape[::-1] if path.endswith("/kernel") else leaf.shape
+    out[hf_param(path)] = (path, tuple(shape))
+  return out
+
+
+def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+               rules: Any = None, **overrides: Any) -> tuple[Llama, dict]:
+  """Reads a transformers Llama checkpoint into the reference `Llama`.
+
+  Args:
+    directory: holds `config.json` and `model.safetensors` or
+      `model.safetensors.index.json` with its shards.
+    dtype: params and compute dtype (e.g. `jnp.bfloat16`).
+    mesh: place each param straight onto its `NamedSharding` (from the
+      model's logical axes and `rules`): every host reads only the slices of
+      each tensor its devices hold, and no device ever holds a whole tensor
+      that is sharded.
+    rules: logical axis rules (default `lora_jax.sharding.DEFAULT_RULES`).
+    **overrides: other `LlamaConfig` fields, e.g. `scan_layers=True`,
+      `remat='full'`.
+
+  Returns:
+    `(model, params)`: the plain `Llama` and its unboxed params.
+
+  Raises:
+    FileNotFoundError: when a file is missing.
+    ValueError: naming a setting the model lacks, a missing or unexpected
+      tensor, or a tensor whose shape disagrees with `config.json`.
+  """
+  from lora_jax import sharding  # the mesh path only
+
+  directory = Path(directory)
+  if not (directory / "config.json").is_file():
+    raise FileNotFoundError(f"{directory} has no config.json: not a transformers checkpoint")
+  config = llama_config(json.loads((directory / "config.json").read_text()),
+                        **{"dtype": dtype, "param_dtype": dtype, **overrides})
+  model = Llama(config)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  abstract = nn.unbox(boxed)
+  tensors = _Tensors(directory)
+  expected = _expected(abstract, config.scan_layers)
+  ignored = {n for n in tensors.files if n.endswith("rotary_emb.inv_freq")}
+  if config.tie_word_embeddings:
+    ignored.add("lm_head.weight")  # some tied checkpoints store the copy
+  missing = sorted(expected.keys() - tensors.files.keys())
+  unexpected = sorted(tensors.files.keys() - expected.keys() - ignored)
+  if missing or unexpected:
+    raise ValueError(f"{directory} does not match its config.json: missing tensors "
+                     f"{missing[:5]}, unexpected tensors {unexpected[:5]}")
+  for name, (path, shape) in expected.items():
+    if tensors.shape(name) != shape:
+      raise ValueError(f"tensor '{name}' has shape {tensors.shape(name)}; config.json implies "
+                       f"{shape}")
+
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
+  target = np.dtype(jnp.dtype(dtype))
+
+  def load(kp, leaf, where=None):
+    path = "/".join(k.key for k in kp)
+    read = _reader(tensors, path, leaf.shape, config.scan_layers and path.startswith("layers/"))
+    if where is None:
+      return jnp.asarray(read(tuple(slice(None) for _ in leaf.shape)).astype(target))
+    return jax.make_array_from_callback(leaf.shape, where, lambda i: read(i).astype(target))
+
+  if shardings is None:
+    return model, jax.tree_util.tree_map_with_path(load, abstract)
+  return model, jax.tree_util.tree_map_with_path(load, abstract, shardings)
+
+
+# --- writing ---------------------------------------------------------------
+
+def _refuse_overwrite(directory: Path, overwrite: bool) -> None:
+  if directory.exists() and any(directory.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"{directory} exists and is not empty: refusing to overwrite it "
+                            "(pass overwrite=True to replace it)")
+    shutil.rmtree(directory)
+
+
+def host_array(x: Any) -> np.ndarray:
+  """A (possibly sharded, multi-host) array whole on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _write_shards(directory: Path, tensors: dict[str, np.ndarray], prefix: str,
+                  max_shard_bytes: int) -> None:
+  """One `{prefix}.safetensors`, or numbered shards and their index as transformers does."""
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if current and size + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name], size = tensors[name], size + nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], str(directory / f"{prefix}.safetensors"), metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards, 1):
+    file = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, str(directory / file), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, file))
+  total = sum(t.nbytes for t in tensors.values())
+  (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+
+
+def save_llama(directory, params: Mapping, model_config: LlamaConfig, *, dtype: Any = None,
+               overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+  """Writes plain Llama params as a transformers checkpoint.
+
+  Args:
+    directory: a new or empty directory.
+    params: the plain model's params (layers stacked or not; sharded or not).
+    model_config: the architecture, written as `config.json`.
+    dtype: the stored dtype (default: the params').
+    overwrite: replace a non-empty `directory`.
+    max_shard_bytes: split into shards with an index above this size.
+
+  Returns:
+    The directory. With several processes every one must call this; the
+    first writes.
+  """
+  directory = Path(directory).resolve()
+  params = nn.unbox(dict(params))
+  if "layers" in params:
+    params = unstack_layers(params)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if dtype is None:
+    dtype = leaves[0][1].dtype
+  store = np.dtype(jnp.dtype(dtype))
+  tensors = {}
+  for kp, x in leaves:
+    path = "/".join(str(k.key) for k in kp)
+    tensors[hf_param(path)] = np.ascontiguousarray(to_hf(path, host_array(x)).astype(store))
+  if jax.process_index() == 0:
+    _refuse_overwrite(directory, overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_shards(directory, tensors, "model", max_shard_bytes)
+    (directory / "config.json").write_text(
+        json.dumps(hf_config(model_config, store), indent=2, sort_keys=True))
+  return directory
+
+
+def export_merged_safetensors(directory, params: Mapping, config: LoRAConfig, dtype: Any = None,
+                              *, model_config: LlamaConfig, overwrite: bool = False,
+                              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+  """Folds the adapters into the base and writes a plain transformers checkpoint.
+
+  `LlamaForCausalLM.from_pretrained(directory)` then gives the LoRA model's
+  logits with no PEFT involved. The merge is `lora_jax.merge` (float32, cast
+  once to `dtype`, default each kernel's own dtype) and runs where `params`
+  live.
+
+  Args:
+    directory: a new or empty directory.
+    params: the params with adapters (from `lora_jax.combine`, boxed or not).
+    config: the `LoRAConfig` the adapters were trained with.
+    dtype: the stored dtype, e.g. `jnp.bfloat16`.
+    model_config: the base model's architecture (`model.config` of `load_llama`).
+    overwrite: replace a non-empty `directory`.
+    max_shard_bytes: shard size, as for `save_llama`.
+  """
+  merged = jax.jit(merge, static_argnums=1, static_argnames="dtype")(
+      nn.unbox(dict(params)), config, dtype=dtype)
+  return save_llama(directory, merged, model_config, dtype=dtype, overwrite=overwrite,
+                    max_shard_bytes=max_shard_bytes)
