@@ -5,6 +5,8 @@
     lora-jax generate [--base MODEL] [--adapter DIR] [--prompt TEXT] ...
     lora-jax merge --adapter DIR --output DIR [--base MODEL]
     lora-jax pretrain [--config FILE] [...]      (how the shipped tiny model was made)
+    lora-jax export-peft --adapter DIR --output DIR [--base-model NAME]
+    lora-jax import-peft --adapter DIR --output DIR
 
 Bad input gives a one-line error and exit status 2, never a traceback.
 """
@@ -48,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--adapter", required=True)
   merge.add_argument("--output", required=True)
   merge.add_argument("--dtype", help="e.g. bfloat16 (default: keep each param's dtype)")
+
+  export = sub.add_parser("export-peft", help="write an adapter in PEFT's format (for "
+                          "transformers, vLLM)")
+  export.add_argument("--adapter", required=True, help="a lora_jax adapter directory")
+  export.add_argument("--output", required=True, help="a new directory for the PEFT adapter")
+  export.add_argument("--base-model", help="base_model_name_or_path to record, e.g. a hub name")
+  imp = sub.add_parser("import-peft", help="read a PEFT LoRA adapter of a Llama into a "
+                       "lora_jax adapter directory")
+  imp.add_argument("--adapter", required=True, help="a PEFT adapter directory")
+  imp.add_argument("--output", required=True, help="a new lora_jax adapter directory")
   return parser
 
 
@@ -86,6 +98,15 @@ def _run(args: argparse.Namespace) -> int:
     print(args.prompt + run.generate_text(
         section, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed))
+    return 0
+  if args.command in ("export-peft", "import-peft"):
+    from lora_jax import checkpoint, hf
+    if args.command == "export-peft":
+      adapters, config = checkpoint.load_adapter(args.adapter)
+      path = hf.export_peft(args.output, adapters, config, base_model_name_or_path=args.base_model)
+    else:
+      path = checkpoint.save_adapter(args.output, *hf.import_peft(args.adapter))
+    print(f"adapter written: {path}")
     return 0
   path = run.merge_adapter(ModelSection(base=args.base), args.adapter, args.output,
                            dtype=args.dtype)

@@ -24,10 +24,12 @@ Only safetensors are read: pickled `pytorch_model.bin` files would need torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -274,12 +276,31 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
 
 # --- writing ---------------------------------------------------------------
 
-def _refuse_overwrite(directory: Path, overwrite: bool) -> None:
-  if directory.exists() and any(directory.iterdir()):
-    if not overwrite:
-      raise FileExistsError(f"{directory} exists and is not empty: refusing to overwrite it "
-                            "(pass overwrite=True to replace it)")
+def check_free(directory: Path, overwrite: bool) -> None:
+  if directory.exists() and any(directory.iterdir()) and not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty: refusing to overwrite it "
+                          "(pass overwrite=True to replace it)")
+
+
+@contextlib.contextmanager
+def fresh_directory(directory: Path, overwrite: bool) -> Iterator[Path]:
+  """A temporary sibling to write into; it becomes `directory` only once complete.
+
+  A non-empty `directory` is refused unless `overwrite`, and even then it is
+  replaced only after everything was written, so a failed export loses nothing.
+  """
+  check_free(directory, overwrite)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  staging.chmod(0o755)
+  if directory.exists():
     shutil.rmtree(directory)
+  staging.rename(directory)
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -342,11 +363,10 @@ def save_llama(directory, params: Mapping, model_config: LlamaConfig, *, dtype: 
     path = "/".join(str(k.key) for k in kp)
     tensors[hf_param(path)] = np.ascontiguousarray(to_hf(path, host_array(x)).astype(store))
   if jax.process_index() == 0:
-    _refuse_overwrite(directory, overwrite)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_shards(directory, tensors, "model", max_shard_bytes)
-    (directory / "config.json").write_text(
-        json.dumps(hf_config(model_config, store), indent=2, sort_keys=True))
+    with fresh_directory(directory, overwrite) as staging:
+      _write_shards(staging, tensors, "model", max_shard_bytes)
+      (staging / "config.json").write_text(
+          json.dumps(hf_config(model_config, store), indent=2, sort_keys=True))
   return directory
 
 

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig
-from lora_jax.hf.llama import (_refuse_overwrite, hf_module, hf_param, host_array, jax_module,
+from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array, jax_module,
                                jax_param, to_hf)
 from lora_jax.models.llama import unstack_layers
 from lora_jax.tree import split
@@ -133,6 +133,8 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
     ValueError: when a layer is not one of the reference Llama's, or an
       adapter is not a plain (in, r), (r, out) pair.
   """
+  directory = Path(directory).resolve()
+  check_free(directory, overwrite)  # before any work or warning
   full = nn.unbox(dict(params))
   if "layers" in full:
     full = unstack_layers(full)
@@ -162,7 +164,7 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
       tensors[PREFIX + hf_param(path)] = to_hf(path, host_array(x))
   saved = [hf_module(m) for m in extras]
 
-  linear = {hf_module(p) for p, layer in _linear_layers(full)} - set(saved)
+  linear = _llama_linear(full) - set(saved)
   names = sorted({n.rsplit(".", 1)[-1] for n in ranks})
   exact = all(_peft_targets(names, n) == (n in ranks) for n in linear)
   rank_pattern = _export_pattern(config.rank_pattern, ranks, config.rank)
@@ -181,24 +183,21 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
   }
   _warn_unservable(config, saved, trained, ranks, rank_pattern, alpha_pattern)
 
-  directory = Path(directory).resolve()
-  _refuse_overwrite(directory, overwrite)
-  directory.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-  (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2,
+  with fresh_directory(directory, overwrite) as staging:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2,
                                                             sort_keys=True))
   return directory
 
 
-def _linear_layers(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Mapping]]:
-  """Modules with a 2-D kernel or an adapter."""
-  kernel = tree.get("kernel")
-  if "lora_a" in tree or (kernel is not None and len(kernel.shape) == 2):
-    yield prefix, tree
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _linear_layers(value, f"{prefix}/{key}" if prefix else str(key))
+def _llama_linear(params: Mapping) -> set[str]:
+  """HF names of every linear layer of the Llama that `params` (even adapters alone) are of."""
+  layers = 1 + max((int(k.split("_")[1]) for k in params if re.fullmatch(r"layers_\d+", k)),
+                   default=-1)
+  names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+  return {f"model.layers.{i}.{n}" for i in range(layers) for n in names} | {"lm_head"}
 
 
 def _export_pattern(given: tuple[tuple[str, Any], ...], values: Mapping[str, Any],
