@@ -5,7 +5,7 @@ from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.tree import combine, count, merge, optimizer, partition, split, summary
 
-from lora_jax import distributed, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
+from lora_jax import distributed, hf, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,345 @@
+"""One LoRA train step per library, each in its own worker process (driven by compare.py).
+
+Every contender trains the same Llama (`lora_jax.models.llama.Llama`'s
+architecture and weights) on the same batch of token ids with the same loss
+(mean next-token cross entropy), optimizer (AdamW, lr 1e-4, weight decay
+0.01) and LoRA settings (rank, alpha, the q/k/v/o/gate/up/down projections,
+no dropout), in float32:
+
+  lora_jax   `inject` + `init_adapters` + `lora_jax.optimizer` +
+             `lora_jax.train.make_train_step` (the library's jitted step)
+  nnx        the NNX port (nnx_llama.py) with `nnx.LoRALinear`,
+             `nnx.Optimizer(wrt=nnx.LoRAParam)`, `nnx.jit` (model and
+             optimizer donated), `nnx.value_and_grad` w.r.t. LoRAParams
+  qwix       `qwix.apply_lora_to_model(Llama, qwix.LoraProvider(...))` on the
+             linen model; a plain `jax.jit` step, gradients w.r.t. the adapters
+  peft       transformers' `LlamaForCausalLM` + `peft.get_peft_model`, torch
+             eager on the CPU, `torch.optim.AdamW`
+  full       full fine-tuning of the linen model: a plain `jax.jit` step,
+             every param trained
+
+Protocol: `python contenders.py NAME SPEC_JSON` builds the contender, runs
+two warm-up steps (the first compiles) and prints one line `@@ {...}` (setup
+figures); then each `step` line on stdin runs one step and answers
+`@@ {"t": seconds, "loss": ...}`; `done` answers with the peak RSS and exits.
+The driver interleaves the workers' steps, so machine drift hits all alike,
+and each worker's peak RSS is its own. Libraries are imported only by the
+workers that use them (the PEFT worker never imports jax).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LR, WEIGHT_DECAY = 1e-4, 0.01
+NAMES = ("lora_jax", "nnx", "qwix", "peft", "full")
+
+
+def rss_bytes() -> int:
+  """Current resident set (VmRSS) of this process."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def batch_ids(spec: dict):
+  """The (batch, seq) int32 token ids every contender trains on."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  return rng.integers(0, spec["size"]["vocab_size"], (spec["batch"], spec["seq"]), dtype=np.int32)
+
+
+def reference_logits(spec: dict):
+  import numpy as np
+  return np.load(os.path.join(spec["workdir"], "ref_logits.npy"))
+
+
+# ----------------------------------------------------------------------------
+# JAX contenders. Each returns (step, logits, info): step() runs one train step
+# and returns the loss (a host float, so the step has finished); logits() is the
+# model's output on the batch before training.
+
+
+def _lm_loss(logits, ids):
+  """Mean next-token NLL: what `lora_jax.train.causal_lm_loss` computes for an all-ones mask."""
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+
+def _linen_base(spec: dict):
+  """The plain linen Llama, its params (seed 0, as compare.py's reference) and the batch."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from lora_jax.models.llama import Llama, LlamaConfig
+  llama = Llama(LlamaConfig(**spec["size"]))
+  ids = jnp.asarray(batch_ids(spec))
+  base = jax.jit(lambda k: nn.unbox(llama.init(k, ids)["params"]))(jax.random.key(0))
+  return llama, base, ids
+
+
+def _compiled_figures(jitted, *args) -> dict:
+  """XLA's FLOPs and memory analysis of `jitted` for `args` (not consumed)."""
+  import jax
+  with jax.numpy_dtype_promotion("standard"):
+    compiled = jitted.lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  out = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes"))
+         for f in ("argument", "output", "temp", "alias")}
+  out["total_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
+                        - out["alias_bytes"])
+  return dict(flops=float(cost["flops"]), **out)
+
+
+def _count(tree) -> int:
+  import jax
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _peft_a_init():
+  """A's initializer in PEFT and lora_jax, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for qwix and NNX
+  (whose default, he-uniform, is sqrt(6) times wider): the same training trajectory in law."""
+  import jax
+  return jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _split_step(apply, tx):
+  """A plain jitted step `(trained, opt_state, frozen, ids) -> (trained, opt_state, loss)`.
+
+  Gradients are taken w.r.t. `trained` only; `trained` and `opt_state` are donated.
+  """
+  import jax
+  import optax
+  from flax import traverse_util
+
+  def combine(trained, frozen):
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trained))
+    return traverse_util.unflatten_dict(flat)
+
+  def step(trained, opt_state, frozen, ids):
+    loss_fn = lambda t: _lm_loss(apply(combine(t, frozen), ids), ids)
+    loss, grads = jax.value_and_grad(loss_fn)(trained)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return optax.apply_updates(trained, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _run_split_step(jitted, trained, frozen, ids, tx, figures: bool):
+  """Closure over the state of a `_split_step`; optionally its compiled figures first."""
+  state = {"trained": trained, "opt": tx.init(trained)}
+  info = _compiled_figures(jitted, state["trained"], state["opt"], frozen, ids) if figures else {}
+
+  def step():
+    state["trained"], state["opt"], loss = jitted(state["trained"], state["opt"], frozen, ids)
+    return float(loss)
+  return step, info
+
+
+def build_lora_jax(spec: dict):
+  import flax.linen as nn
+  import jax
+  import optax
+  import lora_jax as lj
+  from lora_jax import sharding, train
+
+  llama, base, ids = _linen_base(spec)
+  config = lj.LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], targets=list(TARGETS))
+  model = lj.inject(llama, config)
+  params = lj.init_adapters(model, base, jax.random.key(1), ids)
+  del base
+  logits = lambda: model.apply({"params": params}, ids)
+  ref = logits()
+  abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]  # boxed: shardings
+  tx = lj.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY), lj.split(params)[0], config)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  t = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract, config)
+  adapters, opt_state, base = t.place(params)
+  del params
+  batch, rng = t.shard_batch({"input_ids": ids}), jax.random.key(2)
+  info = _compiled_figures(t.step, adapters, opt_state, base, batch, rng)
+  info.update(trained_params=_count(adapters), total_params=_count(adapters) + _count(base))
+  state = {"adapters": adapters, "opt": opt_state}
+
+  def step():
+    state["adapters"], state["opt"], metrics = t.step(state["adapters"], state["opt"], base,
+                                                      batch, rng)
+    return float(metrics["loss"])
+  return step, ref, info
+
+
+def build_full(spec: dict):
+  import optax
+  llama, base, ids = _linen_base(spec)
+  ref = llama.apply({"params": base}, ids)
+  tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+  jitted = _split_step(lambda p, x: llama.apply({"params": p}, x), tx)
+  step, info = _run_split_step(jitted, base, {}, ids, tx, figures=True)
+  info.update(trained_params=_count(base), total_params=_count(base))
+  return step, ref, info
+
+
+def build_qwix(spec: dict):
+  import jax
+  import optax
+  import qwix
+  from flax import traverse_util
+
+  llama, base, ids = _linen_base(spec)
+  provider = qwix.LoraProvider(module_path=".*/(" + "|".join(TARGETS) + ")",
+                               rank=spec["rank"], alpha=float(spec["alpha"]),
+                               lora_a_initializer=_peft_a_init())
+  model = qwix.apply_lora_to_model(llama, provider)
+
+  def adapters_of(key, base):  # creates only the missing (LoRA) params, like init_adapters
+    _, state = model.apply({"params": base}, ids, rngs={"params": key}, mutable=["params"])
+    flat = traverse_util.flatten_dict(state["params"])
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "_lora_" in k[-1]})
+
+  adapters = jax.jit(adapters_of)(jax.random.key(1), base)
+  apply = lambda p, x: model.apply({"params": p}, x)
+  tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+  jitted = _split_step(apply, tx)
+  flat = traverse_util.flatten_dict(base)
+  flat.update(traverse_util.flatten_dict(adapters))
+  ref = apply(traverse_util.unflatten_dict(flat), ids)
+  step, info = _run_split_step(jitted, adapters, base, ids, tx, figures=True)
+  info.update(trained_params=_count(adapters), total_params=_count(adapters) + _count(base))
+  return step, ref, info
+
+
+def build_nnx(spec: dict):
+  import optax
+  from flax import nnx
+  import nnx_llama  # benchmarks/nnx_llama.py
+
+  llama, base, ids = _linen_base(spec)
+  model = nnx_llama.from_linen(llama.config, base, lora_rank=spec["rank"],
+                               lora_alpha=float(spec["alpha"]), a_init=_peft_a_init(), seed=1)
+  del base
+  ref = model(ids)
+  optimizer = nnx.Optimizer(model, optax.adamw(LR, weight_decay=WEIGHT_DECAY),
+                            wrt=nnx.LoRAParam)
+
+  @nnx.jit(donate_argnames=("model", "optimizer"))
+  def train_step(model, optimizer, ids):
+    loss_fn = lambda m: _lm_loss(m(ids), ids)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  trained = _count(nnx.state(model, nnx.LoRAParam))
+  info = dict(trained_params=trained, total_params=_count(nnx.state(model, nnx.Param)))
+  return (lambda: float(train_step(model, optimizer, ids))), ref, info
+
+
+# ----------------------------------------------------------------------------
+# PEFT on torch.
+
+
+def hf_config(size: dict):
+  import transformers
+  return transformers.LlamaConfig(
+      vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
+      intermediate_size=size["intermediate_size"], num_hidden_layers=size["num_layers"],
+      num_attention_heads=size["num_heads"], num_key_value_heads=size["num_kv_heads"],
+      head_dim=size["hidden_size"] // size["num_heads"], rms_norm_eps=1e-5, rope_theta=10_000.0,
+      max_position_embeddings=size["max_position_embeddings"], tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False)
+
+
+def build_peft(spec: dict):
+  import numpy as np
+  import peft
+  import torch
+  from transformers import LlamaForCausalLM
+  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+  torch.set_num_threads(spec["torch_threads"])
+  config = hf_config(spec["size"])
+  with torch.device("meta"):  # no random init: the weights come from the linen params
+    model = LlamaForCausalLM(config)
+  with np.load(os.path.join(spec["workdir"], "hf_params.npz")) as f:
+    state = {k: torch.from_numpy(f[k]) for k in f.files}
+  model.load_state_dict(state, strict=True, assign=True)
+  model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in the state dict
+  del state
+  lora = peft.LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=list(TARGETS),
+                         lora_dropout=0.0, bias="none")
+  model = peft.get_peft_model(model, lora)
+  model.train()
+  ids = torch.from_numpy(batch_ids(spec)).long()
+  with torch.no_grad():
+    ref = model(input_ids=ids).logits.numpy()
+  trained = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trained, lr=LR, weight_decay=WEIGHT_DECAY)
+
+  def step():
+    loss = model(input_ids=ids, labels=ids).loss  # HF shifts the labels: next-token NLL
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  info = dict(trained_params=sum(p.numel() for p in trained),
+              total_params=sum(p.numel() for p in model.parameters()),
+              torch_threads=torch.get_num_threads(),
+              attn_implementation=model.config._attn_implementation)
+  return step, ref, info
+
+
+BUILDERS = dict(lora_jax=build_lora_jax, nnx=build_nnx, qwix=build_qwix, peft=build_peft,
+                full=build_full)
+
+
+def _send(msg: dict) -> None:
+  sys.stdout.write("@@ " + json.dumps(msg) + "\n")
+  sys.stdout.flush()
+
+
+def main() -> None:
+  import numpy as np
+  name, spec = sys.argv[1], json.loads(sys.argv[2])
+  start = time.perf_counter()
+  if name == "peft":
+    import peft, torch, transformers  # noqa: F401,E401  (imports counted in rss_after_imports)
+  else:
+    import flax, jax, optax, lora_jax  # noqa: F401,E401
+    if name == "qwix":
+      import qwix  # noqa: F401
+  rss_imports = rss_bytes()
+  step, logits, info = BUILDERS[name](spec)
+  diff = float(np.max(np.abs(np.asarray(logits) - reference_logits(spec))))
+  del logits
+  t0 = time.perf_counter()
+  first_loss = step()  # compiles (JAX) or warms up (torch)
+  t1 = time.perf_counter()
+  step()
+  _send(dict(info, name=name, first_step_s=t1 - t0, setup_s=time.perf_counter() - start,
+             logits_max_abs_diff=diff, first_loss=first_loss, rss_after_imports=rss_imports,
+             rss_ready=rss_bytes(), pid=os.getpid()))
+  for line in sys.stdin:
+    if line.strip() == "step":
+      t0 = time.perf_counter()
+      loss = step()
+      _send({"t": time.perf_counter() - t0, "loss": loss})
+    elif line.strip() == "done":
+      _send({"peak_rss": peak_rss_bytes(), "rss_end": rss_bytes()})
+      return
+
+
+if __name__ == "__main__":
+  main()
