@@ -1,7 +1,9 @@
 """One process of the multi-host test (see test_distributed.py), or the one-process reference.
 
-Run as `python multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.npz` with
-4 simulated CPU devices; process 0 writes the trained adapters.
+Run as `python multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID HF_DIR OUT_DIR` with
+4 simulated CPU devices: every process reads its shards of the transformers checkpoint
+HF_DIR, they train together, then export the merged model to OUT_DIR/merged (process 0
+writes) and process 0 writes the trained adapters to OUT_DIR/adapters.npz.
 """
 
 import sys
@@ -13,8 +15,7 @@ import numpy as np
 import optax
 
 import lora_jax as lj
-from lora_jax import distributed, sharding, train
-from lora_jax.models.llama import Llama, config_for
+from lora_jax import distributed, hf, sharding, train
 
 GLOBAL_BATCH = 16
 
@@ -24,23 +25,32 @@ def global_batch():
   return {"input_ids": rng.integers(0, 256, (GLOBAL_BATCH, 16)).astype(np.int32)}
 
 
-def train_tiny(steps: int = 3) -> dict[str, np.ndarray]:
-  """A few sharded LoRA steps on a (2, 2, 2) mesh over every process's devices."""
+def train_tiny(hf_dir: str, merged_dir: str, steps: int = 3) -> dict[str, np.ndarray]:
+  """A few sharded LoRA steps on a (2, 2, 2) mesh over every process's devices.
+
+  The base comes from a transformers checkpoint, read shard by shard; the merged
+  model goes back to one.
+  """
   config = lj.LoRAConfig(rank=4, alpha=8.0)
-  model = lj.inject(Llama(config_for("tiny", scan_layers=True)), config)
+  mesh = sharding.make_mesh(2, 2, 2)
+  plain, base = hf.load_llama(hf_dir, mesh=mesh, scan_layers=True)
+  model = lj.inject(plain, config)
   ids = jnp.zeros((GLOBAL_BATCH, 16), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids)["params"])
   params = jax.tree_util.tree_map_with_path(
       lambda kp, x: x + 0.02 if kp[-1].key == "lora_b" else x, params)
-  step = train.make_train_step(train.causal_lm_loss(model), optax.adamw(1e-3),
-                               sharding.make_mesh(2, 2, 2), abstract, config)
+  params = lj.combine(lj.split(params)[0], base)
+  step = train.make_train_step(train.causal_lm_loss(model), optax.adamw(1e-3), mesh, abstract,
+                               config)
   adapters, opt_state, base = step.place(params)
   rows = distributed.host_rows(step.batch_sharding, GLOBAL_BATCH)
   local = {k: v[rows] for k, v in global_batch().items()}  # only this host's share
   batch = distributed.host_batch(local, step.batch_sharding, GLOBAL_BATCH)
   for i in range(steps):
     adapters, opt_state, _ = step.step(adapters, opt_state, base, batch, jax.random.key(i))
+  hf.export_merged_safetensors(merged_dir, lj.combine(adapters, base), config,
+                               model_config=plain.config)
   gathered = jax.jit(lambda a: a, out_shardings=sharding.replicated(step.batch_sharding.mesh))(
       adapters)
   flat = jax.tree_util.tree_leaves_with_path(gathered)
@@ -48,10 +58,10 @@ def train_tiny(steps: int = 3) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-  coordinator, num_processes, process_id, out = sys.argv[1:5]
+  coordinator, num_processes, process_id, hf_dir, out = sys.argv[1:6]
   distributed.initialize(coordinator, int(num_processes), int(process_id))
   assert jax.process_count() == int(num_processes) and len(jax.devices()) == 8
-  result = train_tiny()
+  result = train_tiny(hf_dir, f"{out}/merged")
   if jax.process_index() == 0:
-    np.savez(out, **result)
+    np.savez(f"{out}/adapters.npz", **result)
   print(f"process {process_id}: done", flush=True)

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import multihost_worker
-from lora_jax import distributed
+from lora_jax import distributed, hf
+from lora_jax.models.llama import Llama, config_for
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT = 300
@@ -23,11 +27,16 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one(tmp_path):
-  out = tmp_path / "adapters.npz"
+  """Two hosts read a transformers checkpoint, train and export merged, as one host does."""
+  tiny = config_for("tiny")
+  hf_dir = hf.save_llama(tmp_path / "hf", Llama(tiny).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"], tiny)
+  out = tmp_path / "multi"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   coordinator = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, "2", str(i), str(out)],
+  procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, "2", str(i), str(hf_dir),
+                             str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:
@@ -39,11 +48,17 @@ def test_two_processes_equal_one(tmp_path):
         p.wait()
   for p, text in zip(procs, outputs):
     assert p.returncode == 0, text[-3000:]
-  multi = dict(np.load(out))
-  single = multihost_worker.train_tiny()  # this process: 8 devices, one host
+  multi = dict(np.load(out / "adapters.npz"))
+  single = multihost_worker.train_tiny(hf_dir, tmp_path / "single")  # 8 devices, one host
   assert multi.keys() == single.keys() and len(single) == 14
   for key in single:
     np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  merged_multi = load_file(out / "merged" / "model.safetensors")
+  merged_single = load_file(tmp_path / "single" / "model.safetensors")
+  assert merged_multi.keys() == merged_single.keys() and len(merged_single) == 21
+  for key in merged_single:
+    np.testing.assert_allclose(merged_multi[key], merged_single[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
 
 
 def test_initialize_checks_its_arguments(monkeypatch):
