@@ -103,7 +103,7 @@ def train_steps(spec: dict, names, steps: int, pause: float, log) -> dict:
     times = [r["t"] for r in rounds[n]]
     out[n] = dict(ready[n], **final[n], step_times_s=times, median_s=float(np.median(times)),
                   losses=[r["loss"] for r in rounds[n]])
-  ref = out[names[0]]["median_s"]
+  ref = out.get("lora_jax", out[names[0]])["median_s"]
   for n in names:
     out[n]["ratio_to_lora_jax"] = out[n]["median_s"] / ref
   return out

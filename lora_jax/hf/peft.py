@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig
+from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig, join_path
 from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array, jax_module,
                                jax_param, to_hf)
 from lora_jax.models.llama import unstack_layers
@@ -89,15 +90,6 @@ def _adapter_layers(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Mapp
       yield from _adapter_layers(value, f"{prefix}/{key}" if prefix else str(key))
 
 
-def _leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      yield from _leaves(value, path)
-    else:
-      yield path, value
-
-
 def _module_leaves(tree: Mapping, module: str) -> dict[str, Any]:
   node = tree
   for key in module.split("/"):
@@ -113,9 +105,9 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
   `LlamaForCausalLM` loads it with no missing or unexpected keys and gives
   this model's logits. `trainable` params become `modules_to_save` (whole
   modules, so pass the full params when a rule selects only some of a
-  module's params). Passing the full params (not only the adapters) also
-  lets `target_modules` stay a short list of names when some layers are
-  left out.
+  module's params). `target_modules` is the list of adapted layer names
+  when PEFT's suffix matching selects exactly the adapted layers, else a
+  regex of their full names.
 
   Warns (`ServingWarning`), naming each, about what vLLM cannot serve:
   DoRA, `modules_to_save`, trained biases, rank/alpha patterns (vLLM uses
@@ -154,7 +146,8 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
       tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = host_array(layer["lora_magnitude"])
     ranks[name], alphas[name] = a.shape[1], config.alpha_for(path)
 
-  trained = [p for p, _ in _leaves(adapters) if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
+  paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(adapters)]
+  trained = [p for p in paths if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
   extras = sorted({p.rsplit("/", 1)[0] for p in trained})
   for module in extras:
     if hf_module(module) in ranks:
