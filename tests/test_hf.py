@@ -1,5 +1,6 @@
 """Hugging Face interop against transformers' LlamaForCausalLM and PEFT (torch CPU)."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -95,21 +96,26 @@ def test_load_llama_onto_mesh_reads_shards(checkpoints):
   model, params = hf.load_llama(directory, mesh=mesh, scan_layers=True)
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   want = sharding.param_shardings(boxed, mesh)
-  got = jax.tree.map(lambda x: x.sharding, params)
-  assert jax.tree.all(jax.tree.map(lambda a, b: a.is_equivalent_to(b, 3) if a.spec else True,
-                                   got, want))
+  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), path
   q = params["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.shape == (2, 32, 48) and q.addressable_shards[0].data.shape == (2, 8, 24)
   logits = jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
-def test_load_llama_bfloat16(checkpoints):
+def test_load_llama_bfloat16(checkpoints, tmp_path):
   directory, expected = checkpoints["gqa"]
   model, params = hf.load_llama(directory, dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(IDS)), expected,
                              atol=0.05, rtol=0)
+  # A checkpoint stored in bfloat16, read into float32: the same values, exactly.
+  transformers.LlamaForCausalLM.from_pretrained(directory).to(torch.bfloat16).save_pretrained(
+      tmp_path / "bf16")
+  _, widened = hf.load_llama(tmp_path / "bf16", dtype=jnp.float32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.float32)),
+               widened, params)
 
 
 def copy_checkpoint(source, target, *, config=None, drop=None):
@@ -156,6 +162,13 @@ def test_save_llama_round_trip_in_shards(base, checkpoints, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   with pytest.raises(FileExistsError, match="refusing to overwrite"):
     hf.save_llama(out, params, model.config)
+  halved = jax.tree.map(lambda x: x / 2, params)
+  hf.save_llama(out, halved, model.config, overwrite=True)  # replaced only once complete
+  jax.tree.map(np.testing.assert_array_equal, hf.load_llama(out)[1], halved)
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left behind
+  tied = dataclasses.replace(model.config, tie_word_embeddings=True)
+  with pytest.raises(ValueError, match="unexpected tensors \\['lm_head.weight'\\]"):
+    hf.save_llama(tmp_path / "tied", params, tied)
 
 
 def test_export_merged_safetensors_is_a_plain_transformers_model(base, tmp_path):
@@ -184,6 +197,10 @@ EXPORTS = {
                                exclude=("layers_1/mlp/up_proj",)),
     "path-rules": lj.LoRAConfig(rank=16, alpha=16.0,
                                 rank_pattern={"layers_0/self_attn/q_proj": 8}),
+    # First match wins in both libraries, but PEFT sorts the keys first.
+    "overlapping": lj.LoRAConfig(rank=8, alpha=8.0, targets=("q_proj", "v_proj"),
+                                 rank_pattern={"v_proj": 2, ".*_proj": 4},
+                                 alpha_pattern={"v_proj": 2.0, ".*_proj": 32.0}),
 }
 
 
@@ -259,15 +276,55 @@ def test_export_peft_refuses_what_peft_cannot_name(base, tmp_path):
     hf.export_peft(tmp_path / "odd", odd, lj.LoRAConfig(rank=1))
 
 
+def test_export_peft_from_a_scanned_model(checkpoints):
+  """Rules are resolved on the stacked paths the config was written for."""
+  directory, _ = checkpoints["gqa"]
+  model, params = hf.load_llama(directory, scan_layers=True)
+  config = lj.LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
+                         alpha_pattern={"layers/self_attn/q_proj": 32.0})
+  lora_model, lora_params = with_trained_adapters(model, params, config)
+  expected = np.asarray(lora_model.apply({"params": lora_params}, jnp.asarray(IDS)))
+  out = directory.parent / "scanned-peft"
+  with pytest.warns(hf.ServingWarning):
+    hf.export_peft(out, lora_params, config)
+  peft_model = no_warnings(PeftModel.from_pretrained,
+                           transformers.LlamaForCausalLM.from_pretrained(directory), out).eval()
+  np.testing.assert_allclose(torch_logits(peft_model), expected, atol=1e-4, rtol=0)
+
+
+def test_export_peft_from_adapters_alone(base, checkpoints, tmp_path):
+  """Without the base, short target names are used only where they are provably exact."""
+  model, params = base
+  every = lj.LoRAConfig(rank=8, alpha=8.0, targets=("q_proj",))
+  some = lj.LoRAConfig(rank=8, alpha=8.0, targets=("q_proj",), exclude=("layers_1/self_attn/q_proj",))
+  for name, config, expected in (("every", every, ["q_proj"]),
+                                 ("some", some, "model\\.layers\\.0\\.self_attn\\.q_proj")):
+    _, lora_params = with_trained_adapters(model, params, config)
+    out = hf.export_peft(tmp_path / name, lj.split(lora_params, config)[0], config)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == expected
+    no_warnings(PeftModel.from_pretrained,
+                transformers.LlamaForCausalLM.from_pretrained(checkpoints["gqa"][0]), out)
+
+
+def test_export_peft_refuses_a_trained_embedding_tied_to_the_head(checkpoints, tmp_path):
+  model, params = hf.load_llama(checkpoints["tied"][0])
+  config = lj.LoRAConfig(rank=8, targets=("q_proj",), trainable=("embed_tokens",))
+  _, lora_params = with_trained_adapters(model, params, config)
+  with pytest.raises(ValueError, match="lm_head is tied"):
+    hf.export_peft(tmp_path / "out", lora_params, config)
+  assert not (tmp_path / "out").exists()
+
+
 # --- PEFT adapters in ---------------------------------------------------------
 
 IMPORTS = {
+    # layer 1's up_proj is saved whole, so PEFT gives it no adapter.
     "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"],
-                     rank_pattern={"k_proj": 2}, alpha_pattern={"layers.1.mlp.up_proj": 2},
-                     use_rslora=True),
+                     rank_pattern={"k_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 2},
+                     use_rslora=True, modules_to_save=["layers.1.mlp.up_proj"]),
     "regex-dora-head": dict(r=2, lora_alpha=4, use_dora=True, modules_to_save=["lm_head"],
                             target_modules=r".*layers\.1\.self_attn\.(q|v)_proj"),
-    "layers-to-transform": dict(r=8, lora_alpha=8, layers_to_transform=[0],
+    "layers-to-transform": dict(r=8, lora_alpha=8, layers_to_transform=0,
                                 target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
                                 rank_pattern={"^model.layers.0.mlp.*": 4}),
 }
@@ -278,10 +335,11 @@ def test_import_peft_gives_peft_logits(base, checkpoints, tmp_path, name):
   torch.manual_seed(1)
   torch_base = transformers.LlamaForCausalLM.from_pretrained(checkpoints["gqa"][0])
   peft_model = get_peft_model(torch_base, LoraConfig(init_lora_weights=False, **IMPORTS[name]))
-  if "modules_to_save" in IMPORTS[name]:  # train the saved copy a little
-    with torch.no_grad():
-      saved = peft_model.base_model.model.lm_head.modules_to_save["default"]
-      saved.weight.add_(0.1 * torch.randn_like(saved.weight))
+  with torch.no_grad():  # train the saved copies a little
+    for module in peft_model.modules():
+      if isinstance(getattr(module, "modules_to_save", None), torch.nn.ModuleDict):
+        saved = module.modules_to_save["default"].weight
+        saved.add_(0.1 * torch.randn_like(saved))
   peft_model.eval().save_pretrained(tmp_path / "peft")
   expected = torch_logits(peft_model)
 
@@ -310,6 +368,9 @@ def test_import_peft_names_what_it_cannot_read(tmp_path):
   lora = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["up_proj"]}
   (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "bias": "all"}))
   with pytest.raises(ValueError, match="'bias': 'all'"):
+    hf.import_peft(tmp_path)
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**lora, "init_lora_weights": "pissa"}))
+  with pytest.raises(ValueError, match="'pissa', which rewrites the base weights"):
     hf.import_peft(tmp_path)
   (tmp_path / "adapter_config.json").write_text(json.dumps(lora))
   with pytest.raises(ValueError, match="lacks lora_A or lora_B"):

@@ -25,6 +25,7 @@ Only safetensors are read: pickled `pytorch_model.bin` files would need torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -175,15 +176,25 @@ class _Tensors:
           f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
           "(pickled .bin checkpoints are not read; re-save with safe_serialization=True)")
 
+    self._open: dict[Path, Any] = {}
+    self._last: tuple[Any, np.ndarray] | None = None
+
+  def _file(self, name: str) -> Any:
+    file = self.files[name]
+    if file not in self._open:
+      self._open[file] = safe_open(file, "numpy")
+    return self._open[file]
+
   def shape(self, name: str) -> tuple[int, ...]:
-    with safe_open(self.files[name], "numpy") as f:
-      return tuple(f.get_slice(name).get_shape())
+    return tuple(self._file(name).get_slice(name).get_shape())
 
   def read(self, name: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
     """`index` of the tensor, or of its transpose: only those bytes are read."""
-    with safe_open(self.files[name], "numpy") as f:
-      part = f.get_slice(name)[tuple(reversed(index)) if transpose else index]
-    return part.T if transpose else part
+    key = (name, transpose, tuple((s.start, s.stop, s.step) for s in index))
+    if self._last is None or self._last[0] != key:  # devices holding the same slice ask in turn
+      part = self._file(name).get_slice(name)[tuple(reversed(index)) if transpose else index]
+      self._last = key, part.T if transpose else part
+    return self._last[1]
 
 
 def _reader(tensors: _Tensors, path: str, shape: tuple[int, ...], stacked: bool
@@ -197,15 +208,35 @@ def _reader(tensors: _Tensors, path: str, shape: tuple[int, ...], stacked: bool
                                  for i in range(shape[0])[index[0]]])
 
 
-def _expected(abstract: Mapping, scanned: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
-  """HF tensor name -> (flax path, HF shape) for every param of the model."""
-  plain = unstack_layers(abstract) if scanned else abstract
+def _abstract_params(config: LlamaConfig) -> Any:
+  """The boxed abstract params of `Llama(config)` (shapes and logical axis names only)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(Llama(config).init, jax.random.key(0), ids)["params"]
+
+
+def _expected(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> HF shape, for every param of `Llama(config)`."""
+  plain = nn.unbox(_abstract_params(dataclasses.replace(config, scan_layers=False)))
   out = {}
   for kp, leaf in jax.tree_util.tree_leaves_with_path(plain):
     path = "/".join(k.key for k in kp)
-    shape = leaf.shape[::-1] if path.endswith("/kernel") else leaf.shape
-    out[hf_param(path)] = (path, tuple(shape))
+    out[hf_param(path)] = leaf.shape[::-1] if path.endswith("/kernel") else leaf.shape
   return out
+
+
+def _check_tensors(where: str, shapes: Mapping[str, tuple[int, ...]], config: LlamaConfig,
+                   ignored: set[str] = frozenset()) -> None:
+  """Raises `ValueError` naming missing, unexpected or misshapen tensors."""
+  expected = _expected(config)
+  missing = sorted(expected.keys() - shapes.keys())
+  unexpected = sorted(shapes.keys() - expected.keys() - ignored)
+  if missing or unexpected:
+    raise ValueError(f"{where} does not match the config: missing tensors {missing[:5]}, "
+                     f"unexpected tensors {unexpected[:5]}")
+  for name, shape in expected.items():
+    if tuple(shapes[name]) != shape:
+      raise ValueError(f"tensor '{name}' has shape {tuple(shapes[name])}; the config implies "
+                       f"{shape}")
 
 
 def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
@@ -240,22 +271,13 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
   config = llama_config(json.loads((directory / "config.json").read_text()),
                         **{"dtype": dtype, "param_dtype": dtype, **overrides})
   model = Llama(config)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  boxed = _abstract_params(config)
   abstract = nn.unbox(boxed)
   tensors = _Tensors(directory)
-  expected = _expected(abstract, config.scan_layers)
   ignored = {n for n in tensors.files if n.endswith("rotary_emb.inv_freq")}
   if config.tie_word_embeddings:
     ignored.add("lm_head.weight")  # some tied checkpoints store the copy
-  missing = sorted(expected.keys() - tensors.files.keys())
-  unexpected = sorted(tensors.files.keys() - expected.keys() - ignored)
-  if missing or unexpected:
-    raise ValueError(f"{directory} does not match its config.json: missing tensors "
-                     f"{missing[:5]}, unexpected tensors {unexpected[:5]}")
-  for name, (path, shape) in expected.items():
-    if tensors.shape(name) != shape:
-      raise ValueError(f"tensor '{name}' has shape {tensors.shape(name)}; config.json implies "
-                       f"{shape}")
+  _check_tensors(str(directory), {n: tensors.shape(n) for n in tensors.files}, config, ignored)
 
   shardings = None
   if mesh is not None:
@@ -277,30 +299,43 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
 # --- writing ---------------------------------------------------------------
 
 def check_free(directory: Path, overwrite: bool) -> None:
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f"{directory} is a file, not a directory")
   if directory.exists() and any(directory.iterdir()) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty: refusing to overwrite it "
                           "(pass overwrite=True to replace it)")
 
 
 @contextlib.contextmanager
-def fresh_directory(directory: Path, overwrite: bool) -> Iterator[Path]:
+def fresh_directory(directory: Path, overwrite: bool) -> Iterator[Path | None]:
   """A temporary sibling to write into; it becomes `directory` only once complete.
 
-  A non-empty `directory` is refused unless `overwrite`, and even then it is
-  replaced only after everything was written, so a failed export loses nothing.
+  A non-empty `directory` is refused unless `overwrite`; even then the old one
+  is moved aside and deleted only after the new one is in place, so a failed
+  export loses nothing. With several processes only the first writes (the
+  others get None) and every process waits until it is done.
   """
   check_free(directory, overwrite)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  try:
-    yield staging
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  staging.chmod(0o755)
-  if directory.exists():
-    shutil.rmtree(directory)
-  staging.rename(directory)
+  if jax.process_index() != 0:
+    yield None
+  else:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+      yield staging
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
+    staging.chmod(0o755)
+    old = None
+    if directory.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+      directory.rename(old / "replaced")
+    staging.rename(directory)
+    if old is not None:
+      shutil.rmtree(old)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"lora_jax wrote {directory}")
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -349,6 +384,9 @@ def save_llama(directory, params: Mapping, model_config: LlamaConfig, *, dtype: 
   Returns:
     The directory. With several processes every one must call this; the
     first writes.
+
+  Raises:
+    ValueError: naming params that `model_config` lacks or expects.
   """
   directory = Path(directory).resolve()
   params = nn.unbox(dict(params))
@@ -362,8 +400,9 @@ def save_llama(directory, params: Mapping, model_config: LlamaConfig, *, dtype: 
   for kp, x in leaves:
     path = "/".join(str(k.key) for k in kp)
     tensors[hf_param(path)] = np.ascontiguousarray(to_hf(path, host_array(x)).astype(store))
-  if jax.process_index() == 0:
-    with fresh_directory(directory, overwrite) as staging:
+  _check_tensors("params", {n: t.shape for n, t in tensors.items()}, model_config)
+  with fresh_directory(directory, overwrite) as staging:
+    if staging is not None:
       _write_shards(staging, tensors, "model", max_shard_bytes)
       (staging / "config.json").write_text(
           json.dumps(hf_config(model_config, store), indent=2, sort_keys=True))

@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig, join_path
 from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array, jax_module,
                                jax_param, to_hf)
-from lora_jax.models.llama import unstack_layers
+from lora_jax.models.llama import LlamaConfig, unstack_layers
 from lora_jax.tree import split
 
 PREFIX = "base_model.model."
@@ -43,6 +43,9 @@ _TO_LEAF = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b",
 # vLLM's allowed `max_lora_rank` values.
 SERVABLE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # PEFT settings with no lora_jax counterpart, and their harmless values.
+# init_lora_weights values that leave the base weights as they are (the others,
+# e.g. "pissa", "olora", "corda", "loftq", rewrite W when the adapter loads).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _UNSUPPORTED = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                 "target_parameters": None, "layer_replication": None,
                 "trainable_token_indices": None, "alora_invocation_tokens": None,
@@ -98,7 +101,8 @@ def _module_leaves(tree: Mapping, module: str) -> dict[str, Any]:
 
 
 def export_peft(directory, params: Mapping, config: LoRAConfig, *,
-                base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+                base_model_name_or_path: str | None = None,
+                model_config: LlamaConfig | None = None, overwrite: bool = False) -> Path:
   """Writes the adapters of the reference Llama as a PEFT LoRA adapter.
 
   `peft.PeftModel.from_pretrained(model, directory)` on transformers'
@@ -106,12 +110,14 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
   this model's logits. `trainable` params become `modules_to_save` (whole
   modules, so pass the full params when a rule selects only some of a
   module's params). `target_modules` is the list of adapted layer names
-  when PEFT's suffix matching selects exactly the adapted layers, else a
-  regex of their full names.
+  when PEFT's suffix matching provably selects exactly the adapted layers
+  (knowing the layer count from `model_config`, the full params, or the
+  config's rules), else a regex of their full names.
 
-  Warns (`ServingWarning`), naming each, about what vLLM cannot serve:
-  DoRA, `modules_to_save`, trained biases, rank/alpha patterns (vLLM uses
-  `r`/`lora_alpha` everywhere) and ranks outside vLLM's `max_lora_rank` set.
+  Warns (`ServingWarning`), naming each, about what vLLM cannot serve as it
+  is: DoRA, `modules_to_save`, trained biases, rank/alpha patterns (vLLM
+  uses `r`/`lora_alpha` everywhere) and ranks outside vLLM's
+  `max_lora_rank` values.
 
   Args:
     directory: a new or empty directory.
@@ -119,20 +125,28 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
       adapters alone.
     config: the `LoRAConfig` the adapters were trained with.
     base_model_name_or_path: recorded in `adapter_config.json`.
+    model_config: the base model's architecture, if at hand.
     overwrite: replace a non-empty `directory`.
 
   Raises:
-    ValueError: when a layer is not one of the reference Llama's, or an
-      adapter is not a plain (in, r), (r, out) pair.
+    ValueError: when a layer is not one of the reference Llama's, an adapter
+      is not a plain (in, r), (r, out) pair or disagrees with `config`, or a
+      trained embedding is tied to the output head (PEFT would keep the head
+      tied to the original: export a merged model instead).
   """
   directory = Path(directory).resolve()
   check_free(directory, overwrite)  # before any work or warning
   full = nn.unbox(dict(params))
-  if "layers" in full:
-    full = unstack_layers(full)
-  adapters, _ = split(full, config)
+  adapters, _ = split(full, config)  # rules apply to the paths the config was made for
   if not adapters:
     raise ValueError("params hold no adapters or trainable params: nothing to export")
+  stacked = "layers" in full
+  if stacked:
+    full, adapters = unstack_layers(full), unstack_layers(adapters)
+
+  def rule_path(path: str) -> str:
+    return re.sub(r"^layers_\d+/", "layers/", path) if stacked else path
+
   tensors, ranks, alphas = {}, {}, {}
   for path, layer in _adapter_layers(adapters):
     name = hf_module(path)
@@ -140,26 +154,36 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
     if a.ndim != 2 or b.ndim != 2:
       raise ValueError(f"adapter '{path}' has shapes {a.shape} and {b.shape}: PEFT stores only "
                        "Linear adapters, (in, r) and (r, out)")
+    if a.shape[1] != config.rank_for(rule_path(path)) or (
+        "lora_magnitude" in layer) != config.use_dora:
+      raise ValueError(f"adapter '{path}' (rank {a.shape[1]}, DoRA "
+                       f"{'lora_magnitude' in layer}) does not match the config: pass the "
+                       "config it was trained with")
     tensors[f"{PREFIX}{name}.lora_A.weight"] = a.T
     tensors[f"{PREFIX}{name}.lora_B.weight"] = b.T
     if "lora_magnitude" in layer:
       tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = host_array(layer["lora_magnitude"])
-    ranks[name], alphas[name] = a.shape[1], config.alpha_for(path)
+    ranks[name], alphas[name] = a.shape[1], config.alpha_for(rule_path(path))
 
-  paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(adapters)]
-  trained = [p for p in paths if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
+  trained = [p for p in _leaf_paths(adapters) if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
   extras = sorted({p.rsplit("/", 1)[0] for p in trained})
+  has_base = any(p.endswith("/kernel") for p in _leaf_paths(full))
+  tied = model_config.tie_word_embeddings if model_config else has_base and "lm_head" not in full
   for module in extras:
     if hf_module(module) in ranks:
       raise ValueError(f"'{module}' has an adapter and `trainable` params; PEFT cannot save "
                        "both (its modules_to_save never get adapters)")
+    if module == "embed_tokens" and tied:
+      raise ValueError("embed_tokens trains but lm_head is tied to it: PEFT would keep lm_head "
+                       "tied to the original embedding; use export_merged_safetensors")
     for path, x in _module_leaves(full, module).items():
       tensors[PREFIX + hf_param(path)] = to_hf(path, host_array(x))
   saved = [hf_module(m) for m in extras]
 
-  linear = _llama_linear(full) - set(saved)
   names = sorted({n.rsplit(".", 1)[-1] for n in ranks})
-  exact = all(_peft_targets(names, n) == (n in ranks) for n in linear)
+  layers = _layer_count(full, config, model_config, has_base, rule_path)
+  exact = layers is not None and all(_peft_targets(names, n) == (n in ranks)
+                                     for n in _llama_linear(layers) - set(saved))
   rank_pattern = _export_pattern(config.rank_pattern, ranks, config.rank)
   alpha_pattern = _export_pattern(config.alpha_pattern, alphas, config.alpha)
   peft_config = {
@@ -177,26 +201,50 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
   _warn_unservable(config, saved, trained, ranks, rank_pattern, alpha_pattern)
 
   with fresh_directory(directory, overwrite) as staging:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2,
-                                                            sort_keys=True))
+    if staging is not None:  # the first process writes
+      save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+      (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2,
+                                                              sort_keys=True))
   return directory
 
 
-def _llama_linear(params: Mapping) -> set[str]:
-  """HF names of every linear layer of the Llama that `params` (even adapters alone) are of."""
-  layers = 1 + max((int(k.split("_")[1]) for k in params if re.fullmatch(r"layers_\d+", k)),
-                   default=-1)
-  names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-  return {f"model.layers.{i}.{n}" for i in range(layers) for n in names} | {"lm_head"}
+_LINEAR = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+           "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def _leaf_paths(tree: Mapping) -> list[str]:
+  return [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _layer_count(full: Mapping, config: LoRAConfig, model_config: LlamaConfig | None,
+                 has_base: bool, rule_path) -> int | None:
+  """How many decoder layers the model has, when that is certain."""
+  if model_config is not None:
+    return model_config.num_layers
+  seen = 1 + max((int(k[7:]) for k in full if re.fullmatch(r"layers_\d+", k)), default=-1)
+  if has_base:
+    return seen
+  # Adapters alone: one layer more would have adapters under the config's rules,
+  # and it has none, so it does not exist.
+  if any(config.selects(rule_path(f"layers_{seen}/{m}")) for m in _LINEAR):
+    return seen
+  return None
+
+
+def _llama_linear(layers: int) -> set[str]:
+  """HF names of every linear layer of a Llama with `layers` decoder layers."""
+  return {hf_module(f"layers_{i}/{m}") for i in range(layers) for m in _LINEAR} | {"lm_head"}
 
 
 def _export_pattern(given: tuple[tuple[str, Any], ...], values: Mapping[str, Any],
                     default: Any) -> dict[str, Any]:
-  """`given` if PEFT resolves it to `values` on every layer, else one exact key per layer."""
-  pattern = dict(given)
+  """`given` if PEFT resolves it to `values` on every layer, else one exact key per layer.
+
+  PEFT takes the first matching key of a pattern it sorted by key (its own
+  saved configs are sorted too), so the check runs in that order.
+  """
+  pattern = dict(sorted(given))
   if all(_peft_pick(pattern, name, default) == v for name, v in values.items()):
     return pattern
   return {re.escape(name): v for name, v in sorted(values.items()) if v != default}
@@ -214,19 +262,26 @@ def _warn_unservable(config, saved, trained, ranks, rank_pattern, alpha_pattern)
     problems.append(f"trained biases {biases}: vLLM serves only bias='none'")
   if rank_pattern or alpha_pattern:
     problems.append(f"rank_pattern {rank_pattern} / alpha_pattern {alpha_pattern}: vLLM "
-                    f"ignores them and uses r={config.rank}, lora_alpha={config.alpha} "
-                    "for every layer")
+                    f"ignores them and would use r={config.rank}, "
+                    f"lora_alpha={_number(config.alpha)} for every layer")
   odd = sorted({r for r in ranks.values() if r not in SERVABLE_RANKS})
-  if odd:
+  if odd and max(odd) > SERVABLE_RANKS[-1]:
+    problems.append(f"rank(s) {odd}: above vLLM's largest max_lora_rank, {SERVABLE_RANKS[-1]}")
+  elif odd:
+    up = next(r for r in SERVABLE_RANKS if r >= max(odd))
     problems.append(f"rank(s) {odd}: not among vLLM's max_lora_rank values {SERVABLE_RANKS}; "
-                    "serve with the next one up" if max(odd) < SERVABLE_RANKS[-1] else
-                    f"rank(s) {odd}: above vLLM's largest max_lora_rank {SERVABLE_RANKS[-1]}")
+                    f"it needs --max-lora-rank {up} or more")
   for problem in problems:
-    warnings.warn(f"vLLM cannot serve this adapter as exported: {problem}", ServingWarning,
-                  stacklevel=3)
+    warnings.warn(f"for vLLM: {problem}", ServingWarning, stacklevel=3)
 
 
 # --- import ----------------------------------------------------------------
+
+def _in_saved(name: str, saved: list[str]) -> bool:
+  """Whether tensor `name` is in a module (or under one) that PEFT's modules_to_save names."""
+  parts = name.split(".")[:-1]
+  return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts) + 1) for m in saved)
+
 
 def _nest(flat: Mapping[str, Any]) -> dict:
   out: dict = {}
@@ -252,7 +307,8 @@ def _exact(values: Mapping[str, Any], default: Any) -> tuple[tuple[str, Any], ..
   return tuple((p, v) for p, v in sorted(values.items()) if v != default)
 
 
-def _import_targets(peft: Mapping[str, Any], layers: list[str]) -> dict[str, Any]:
+def _import_targets(peft: Mapping[str, Any], layers: list[str], saved: tuple[str, ...]
+                    ) -> dict[str, Any]:
   """`targets`/`exclude` selecting `layers`: PEFT's names when they do, else exact paths."""
   target_modules, exclude = peft.get("target_modules"), peft.get("exclude_modules") or []
   names = None
@@ -261,8 +317,11 @@ def _import_targets(peft: Mapping[str, Any], layers: list[str]) -> dict[str, Any
   elif isinstance(target_modules, list) and all(map(_as_path, target_modules)):
     names = tuple(map(_as_path, target_modules))
   excluded = tuple(map(_as_path, exclude)) if isinstance(exclude, list) else (None,)
-  if names and all(excluded) and not peft.get("layers_to_transform"):
-    if all(LoRAConfig(targets=names, exclude=excluded).selects(p) for p in layers):
+  every_layer = peft.get("layers_to_transform") in (None, [])
+  if names and all(excluded) and every_layer:
+    candidate = LoRAConfig(targets=names, exclude=excluded)
+    # PEFT never adapts a module it saves whole; lora_jax rules must not either.
+    if all(map(candidate.selects, layers)) and not any(map(candidate.selects, saved)):
       return {"targets": names, "exclude": excluded}
   return {"targets": tuple(layers), "exclude": ()}
 
@@ -301,6 +360,10 @@ def import_peft(directory) -> tuple[dict, LoRAConfig]:
          if peft.get(k) not in (harmless, None, [], {})}
   if odd:
     raise ValueError(f"{config_file} sets {odd}, which lora_jax does not implement")
+  if peft.get("init_lora_weights", True) not in _PLAIN_INITS:
+    raise ValueError(f"{config_file} has init_lora_weights={peft['init_lora_weights']!r}, which "
+                     "rewrites the base weights when PEFT loads it; save it converted to plain "
+                     "LoRA (PEFT's path_initial_model_for_weight_conversion) and import that")
 
   saved = list(peft.get("modules_to_save") or [])
   flat: dict[str, Any] = {}
@@ -312,8 +375,7 @@ def import_peft(directory) -> tuple[dict, LoRAConfig]:
           module, kind = match.groups()
           x = f.get_tensor(key)
           flat[f"{jax_module(module)}/{_TO_LEAF[kind]}"] = x if x.ndim == 1 else x.T
-        elif key.startswith(PREFIX) and any(key[len(PREFIX):].rsplit(".", 1)[0].endswith(m)
-                                            for m in saved):
+        elif key.startswith(PREFIX) and _in_saved(key[len(PREFIX):], saved):
           path = jax_param(key[len(PREFIX):])
           flat[path] = to_hf(path, f.get_tensor(key))
         else:
@@ -332,7 +394,7 @@ def import_peft(directory) -> tuple[dict, LoRAConfig]:
                        "disagree about a DoRA magnitude")
     ranks[path] = a.shape[1]
     alphas[path] = float(_peft_pick(peft.get("alpha_pattern") or {}, hf_module(path),
-                                    peft["lora_alpha"]))
+                                    peft.get("lora_alpha", 8)))
     dtypes.add(a.dtype.name)
   if not layers:
     raise ValueError(f"{weights} holds no LoRA adapters")
@@ -340,13 +402,14 @@ def import_peft(directory) -> tuple[dict, LoRAConfig]:
     raise ValueError(f"{weights} mixes adapter dtypes {sorted(dtypes)}")
 
   trainable = tuple(sorted({p.rsplit("/", 1)[0] for p in flat} - set(layers)))
-  rank, alpha = peft["r"], float(peft["lora_alpha"])
+  rank, alpha = peft.get("r", 8), float(peft.get("lora_alpha", 8))  # PEFT's defaults
   config = LoRAConfig(
       rank=rank, alpha=alpha, dropout_rate=peft.get("lora_dropout", 0.0),
       use_rslora=bool(peft.get("use_rslora")), use_dora=bool(peft.get("use_dora")),
       rank_pattern=_path_pattern(peft.get("rank_pattern") or {}, ranks, rank),
       alpha_pattern=_path_pattern(peft.get("alpha_pattern") or {}, alphas, alpha),
-      trainable=trainable, lora_dtype=dtypes.pop(), **_import_targets(peft, layers))
+      trainable=trainable, lora_dtype=dtypes.pop(),
+      **_import_targets(peft, layers, trainable))
   # Translated patterns must give every layer PEFT's value; exact paths always do.
   if any(config.rank_for(p) != r for p, r in ranks.items()):
     config = dataclasses.replace(config, rank_pattern=_exact(ranks, rank))
