@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lora_jax import sharding
 from lora_jax.config import LoRAConfig
 from lora_jax.models.llama import Llama, LlamaConfig, unstack_layers
 from lora_jax.tree import merge
@@ -263,8 +264,6 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
     ValueError: naming a setting the model lacks, a missing or unexpected
       tensor, or a tensor whose shape disagrees with `config.json`.
   """
-  from lora_jax import sharding  # the mesh path only
-
   directory = Path(directory)
   if not (directory / "config.json").is_file():
     raise FileNotFoundError(f"{directory} has no config.json: not a transformers checkpoint")
