@@ -171,8 +171,7 @@ def export_merged(directory, params: Mapping, config: LoRAConfig, *, dtype: Any 
   """
   path = _absolute(directory)
   _refuse_overwrite(path, overwrite)
-  merged = jax.jit(merge, static_argnums=1, static_argnames="dtype")(
-      nn.unbox(params), config, dtype=dtype)
+  merged = merge(nn.unbox(params), config, dtype=dtype)  # layer by layer
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, merged)
   checkpointer.wait_until_finished()

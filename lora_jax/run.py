@@ -243,14 +243,10 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   else:
     result["adapter"] = checkpoint.save_adapter(out / "adapter", final, config, overwrite=True)
     result["merged"] = save_model(out / "merged", llama.config,
-                                  _merged(final, config), overwrite=True)
+                                  merge(final, config), overwrite=True)
     log(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
   result["steps"] = state.step
   return result
-
-
-def _merged(params, config):
-  return jax.jit(merge, static_argnums=1)(params, config)
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -302,7 +298,7 @@ def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: st
   sample = jnp.zeros((1, 8), jnp.int32)
   model, params = load_base(section, sample)
   adapters, config = checkpoint.load_adapter(adapter, target=params)
-  merged = jax.jit(lambda p: merge(p, config, dtype=dtype))(combine(adapters, params))
+  merged = merge(combine(adapters, params), config, dtype=dtype)
   return save_model(output, model.config, merged)
 
 

@@ -209,8 +209,9 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
   `W' = m * (W + scale*A@B) / ||W + scale*A@B||` per output feature. The
   result has exactly the structure of the plain model's params.
 
-  `merge` is jittable; donate its input so the unmerged tree is not kept
-  alongside the merged one:
+  Called eagerly, each layer is merged by its own compiled program, so only
+  one layer's `A @ B` is alive at a time. `merge` is also jittable; donate
+  its input so the unmerged tree is not kept alongside the merged one:
   `jax.jit(merge, static_argnums=1, donate_argnums=0)(params, config)`.
 
   Args:
@@ -259,7 +260,7 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
           f"merge: layer '{path}' {'has' if magnitude is not None else 'lacks'} a DoRA "
           f"magnitude but the config has use_dora={config.use_dora}")
     try:
-      w = merged_kernel(kernel, a, b, config.scale(path), magnitude)
+      w = _merged_kernel(kernel, a, b, config.scale(path), magnitude)
     except ValueError as e:
       raise ValueError(f"merge: layer '{path}': {e}") from None
     if safe:
@@ -280,6 +281,12 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
   if not found:
     raise ValueError("merge: params hold no adapters (lora_a/lora_b): nothing to merge")
   return merged
+
+
+# One compiled program a layer: called eagerly, `merge` then holds one layer's
+# A @ B at a time (a whole-tree jit lets XLA:CPU compute every product before
+# the first add); inside a caller's jit it is inlined as before.
+_merged_kernel = jax.jit(merged_kernel, static_argnums=3)
 
 
 def _rebox(original: Any, value: jax.Array) -> Any:

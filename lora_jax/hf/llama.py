@@ -427,7 +427,6 @@ def export_merged_safetensors(directory, params: Mapping, config: LoRAConfig, dt
     overwrite: replace a non-empty `directory`.
     max_shard_bytes: shard size, as for `save_llama`.
   """
-  merged = jax.jit(merge, static_argnums=1, static_argnames="dtype")(
-      nn.unbox(dict(params)), config, dtype=dtype)
+  merged = merge(nn.unbox(dict(params)), config, dtype=dtype)  # layer by layer
   return save_llama(directory, merged, model_config, dtype=dtype, overwrite=overwrite,
                     max_shard_bytes=max_shard_bytes)
