@@ -4,14 +4,13 @@ Worker for compare.py: `python collectives.py SPEC_JSON` (compare.py sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`). Compiles
 `lora_jax.train.make_train_step`'s step for abstract sharded arguments (no
 weights allocated, via fit.py's `analyse_step`) on a `make_mesh(1, 8, 1)`
-(fsdp=8) mesh, batch 8 x seq, three ways:
+(fsdp=8) mesh, batch 8 x seq, two ways:
 
   lora    the injected model, adapters trained (rank, alpha, the 7 projections)
   frozen  the plain model with only `layers_0/input_layernorm` trained: the same
           forward and backward through the frozen base, without adapters
-  full    full fine-tuning (every param trained, AdamW)
 
-and prints `lora_jax.sharding.collective_bytes` of each (per device, per step;
+and prints `lora_jax.sharding.collective_bytes` of both (per device, per step;
 no scanned layers, so no loop body is undercounted) with XLA's per-device
 memory analysis.
 """
@@ -43,7 +42,6 @@ def main() -> None:
   steps = {
       "lora": (lj.inject(llama, lora), lora),
       "frozen": (llama, lj.LoRAConfig(trainable=["layers_0/input_layernorm"])),
-      "full": (llama, lj.LoRAConfig(trainable=[".*"])),
   }
   shape = argparse.Namespace(batch=devices, seq=spec["seq"])
   out = {"devices": devices, "mesh": dict(mesh.shape), "batch": devices, "seq": spec["seq"]}

@@ -8,22 +8,23 @@ q/k/v/o/gate/up/down for every contender (contenders.py):
    qwix LoRA, Hugging Face PEFT (torch CPU) and full fine-tuning (JAX): one
    worker process per contender, warm steps interleaved across the workers
    (A B C D E, E D C B A, ...), the median per contender, as a ratio to lora_jax.
-   Each worker's peak RSS is its own (`ru_maxrss`).
+   Each worker's peak RSS is its own (Linux VmHWM, what `ru_maxrss` reads).
 2. XLA FLOPs and memory of the compiled lora_jax LoRA step vs the full
    fine-tuning step (also with `remat='full'`, compiled only).
 3. Forward latency and FLOPs: base vs merged (`lora_jax.merge`) vs unmerged
    LoRA at ranks 8, 16, 64 (inference.py).
 4. Merge time and memory, jitted with donation and eager (inference.py).
 5. Collective bytes per step on a simulated 8-device fsdp mesh, LoRA vs the
-   frozen base vs full fine-tuning (collectives.py).
+   frozen base (collectives.py).
 
 Writes `compare_<size>.json` per size, `compare.md` and `compare.png` into
 `--out` (default benchmarks/results/).
 
 Usage:
-  python benchmarks/compare.py                      # small and large, ~10 min on 2 CPU cores
+  python benchmarks/compare.py                      # small and large, ~5.5 min on 2 CPU cores
   python benchmarks/compare.py --size small --steps 10
   python benchmarks/compare.py --tiny --out /tmp/c  # a tiny model, 2 steps: a smoke test
+                                                    # (XLA backend optimisation off: fast compiles)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from importlib import metadata
 
 import numpy as np
 
+import workers
 from workers import HERE, Worker, interleave, run_once
 
 # LlamaConfig fields. small: 20.2M params, large: 124.7M (both untied, GQA 2:1 / 3:1).
@@ -54,7 +56,7 @@ TARGETS = dict(flop_ratio=0.70, memory_ratio=0.40)
 
 
 def prepare(spec: dict) -> int:
-  """Writes the reference logits and the weights in HF's layout into the workdir.
+  """Writes the reference logits and a transformers checkpoint of the weights into the workdir.
 
   Returns the number of params. The weights are the linen model's `init` with
   key 0 on the batch, which every JAX worker recomputes (bit for bit: each
@@ -63,8 +65,8 @@ def prepare(spec: dict) -> int:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from flax import traverse_util
   from contenders import batch_ids
+  from lora_jax import hf
   from lora_jax.models.llama import Llama, LlamaConfig
 
   llama = Llama(LlamaConfig(**spec["size"]))
@@ -72,31 +74,28 @@ def prepare(spec: dict) -> int:
   params = jax.jit(lambda k: nn.unbox(llama.init(k, ids)["params"]))(jax.random.key(0))
   np.save(os.path.join(spec["workdir"], "ref_logits.npy"),
           np.asarray(llama.apply({"params": params}, ids)))
-  hf = {}  # transformers' LlamaForCausalLM names; kernels transposed to (out, in)
-  for path, x in traverse_util.flatten_dict(params).items():
-    parts = [p.replace("layers_", "layers.") for p in path[:-1]]
-    name = ".".join(parts) + ".weight"
-    hf[name if parts[0] == "lm_head" else "model." + name] = np.ascontiguousarray(
-        np.asarray(x).T if path[-1] == "kernel" else np.asarray(x))
-  np.savez(os.path.join(spec["workdir"], "hf_params.npz"), **hf)
+  hf.save_llama(os.path.join(spec["workdir"], "hf"), params, llama.config)
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def train_steps(spec: dict, names, steps: int, pause: float, log) -> dict:
-  """Starts every contender's worker (set-up runs concurrently), then times interleaved steps."""
+def train_steps(spec: dict, names, steps: int, pause: float, log, jobs: dict) -> tuple[dict, dict]:
+  """Starts every contender's worker, then times interleaved steps.
+
+  The workers set up (compile) concurrently, beside `jobs` (started workers whose
+  answers are not timings); every answer is in before the first timed step.
+
+  Returns:
+    `(per contender figures, the jobs' answers)`.
+  """
   arg = json.dumps(spec)
   workers = {n: Worker("contenders.py", n, arg, log=log) for n in names}
   try:
     ready = {n: w.read() for n, w in workers.items()}
-    # Compiled-only remat variants of the two steps whose memory is compared.
-    remat = dict(spec, remat="full", figures_only=True)
-    for n in ("lora_jax", "full"):
-      if n in names:
-        ready[n]["remat_full"] = run_once("contenders.py", n, json.dumps(remat), log=log)
+    answers = {k: w.read() for k, w in jobs.items()}
     rounds = interleave(workers, steps, pause)
     final = {n: w.ask("done") for n, w in workers.items()}
   finally:
-    for w in workers.values():
+    for w in [*workers.values(), *jobs.values()]:
       w.close()
   out = {}
   for n in names:
@@ -106,7 +105,7 @@ def train_steps(spec: dict, names, steps: int, pause: float, log) -> dict:
   ref = out.get("lora_jax", out[names[0]])["median_s"]
   for n in names:
     out[n]["ratio_to_lora_jax"] = out[n]["median_s"] / ref
-  return out
+  return out, answers
 
 
 def summarise(r: dict) -> dict:
@@ -136,6 +135,21 @@ def summarise(r: dict) -> dict:
   return s
 
 
+def share_compilations(cache_dir: str) -> None:
+  """One XLA compilation cache for this process and every worker of the run.
+
+  Programs that several processes compile alike (the base model's init, its
+  forward) are compiled once. Executables are the same either way: only
+  compile times change, and none is a result.
+  """
+  import jax
+  settings = dict(compilation_cache_dir=cache_dir, persistent_cache_min_compile_time_secs=0,
+                  persistent_cache_min_entry_size_bytes=0)
+  for key, value in settings.items():
+    jax.config.update(f"jax_{key}", value)
+    workers.EXTRA_ENV[f"JAX_{key.upper()}"] = str(value)
+
+
 def environment(torch_threads: int) -> dict:
   from machine import machine
   env = machine()
@@ -155,13 +169,15 @@ def main() -> None:
   p.add_argument("--seq", type=int, help="sequence length (default 128; tiny 16)")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, help="default 2 x rank")
-  p.add_argument("--forward-reps", type=int, help="timed forwards each (default 20; tiny 3)")
+  p.add_argument("--forward-reps", type=int, help="timed forwards each (default 10; tiny 3)")
   p.add_argument("--pause", type=float, help="seconds between steps (default 0.2; tiny 0)")
   p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                  help="torch intra-op threads (default: every core, as XLA uses)")
   p.add_argument("--contenders", default=",".join(CONTENDERS),
                  help="comma-separated subset of " + ",".join(CONTENDERS))
   p.add_argument("--out", default=os.path.join(HERE, "results"))
+  p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                 help="also compile both steps with remat='full' (default: on, off with --tiny)")
   p.add_argument("--keep-workdir", action="store_true")
   a = p.parse_args()
   tiny = a.tiny
@@ -171,14 +187,21 @@ def main() -> None:
     p.error(f"unknown contenders {sorted(unknown)}")
   pick = lambda value, full, small: value if value is not None else (small if tiny else full)
   steps, seq = pick(a.steps, 10, 2), pick(a.seq, 128, 16)
-  reps, pause = pick(a.forward_reps, 20, 3), pick(a.pause, 0.2, 0.0)
+  reps, pause = pick(a.forward_reps, 10, 3), pick(a.pause, 0.2, 0.0)
+  a.remat = pick(a.remat, True, False)
   os.makedirs(a.out, exist_ok=True)
+  if tiny:  # compile faster (LLVM unoptimised): the smoke test's timings mean nothing anyway
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0").strip()
 
   import report  # benchmarks/report.py (matplotlib)
+  run_dir = tempfile.mkdtemp(prefix="compare_")
+  share_compilations(os.path.join(run_dir, "xla_cache"))
   env = environment(a.torch_threads)
   results = {}
   for size in sizes:
-    workdir = tempfile.mkdtemp(prefix=f"compare_{size}_")
+    workdir = os.path.join(run_dir, size)
+    os.makedirs(workdir)
     spec = dict(size_name=size, size=SIZES[size], batch=a.batch, seq=seq, rank=a.rank,
                 alpha=a.alpha or 2 * a.rank, workdir=workdir, torch_threads=a.torch_threads,
                 forward_reps=reps)
@@ -186,26 +209,42 @@ def main() -> None:
     with open(os.path.join(workdir, "workers.log"), "w") as log:
       r = dict(env, spec={k: v for k, v in spec.items() if k != "workdir"},
                params=prepare(spec))
-      print(f"[{size}] {r['params']:,} params; collective bytes on 8 simulated devices", flush=True)
-      r["collectives"] = run_once("collectives.py", json.dumps(spec), devices=8, log=log)
-      print(f"[{size}] train steps: {', '.join(names)} ({steps} interleaved)", flush=True)
-      r["train"] = train_steps(spec, names, steps, pause, log)
-      print(f"[{size}] forward latency and merge", flush=True)
-      r["forward"] = run_once("inference.py", "forward", json.dumps(spec), log=log)
-      r["merge"] = {m: run_once("inference.py", "merge", json.dumps(spec), m, log=log)
-                    for m in ("jit", "eager")}
+      arg = json.dumps(spec)
+      # Compile-only jobs run beside the contenders' set-up; timed ones after the train steps
+      # on a quiet machine (with --tiny, where timings mean nothing, all at once).
+      jobs = {"collectives": Worker("collectives.py", arg, devices=8, log=log)}
+      if a.remat:  # the two steps whose memory is compared, with remat='full' (compiled only)
+        remat = json.dumps(dict(spec, remat="full", figures_only=True))
+        jobs.update({f"remat_{n}": Worker("contenders.py", n, remat, log=log)
+                     for n in ("lora_jax", "full") if n in names})
+      timed = {"forward": ("forward",), "merge_jit": ("merge", "jit"),
+               "merge_eager": ("merge", "eager")}
+      if tiny:
+        jobs.update({k: Worker("inference.py", *v, arg, log=log) for k, v in timed.items()})
+      print(f"[{size}] {r['params']:,} params; {', '.join(names)}: set-up, then {steps} steps "
+            f"interleaved; beside the set-up: {', '.join(jobs)}", flush=True)
+      r["train"], answers = train_steps(spec, names, steps, pause, log, jobs)
+      for k, v in timed.items():
+        if k not in answers:
+          print(f"[{size}] {k}", flush=True)
+          answers[k] = run_once("inference.py", *v, arg, log=log)
+      r["collectives"], r["forward"] = answers["collectives"], answers["forward"]
+      r["merge"] = {"jit": answers["merge_jit"], "eager": answers["merge_eager"]}
+      for n in ("lora_jax", "full"):
+        if f"remat_{n}" in answers:
+          r["train"][n]["remat_full"] = answers[f"remat_{n}"]
     r["summary"] = summarise(r)
     results[size] = r
     with open(os.path.join(a.out, f"compare_{size}.json"), "w") as f:
       json.dump(r, f, indent=1)
     print(report.size_table(size, r), flush=True)
-    if a.keep_workdir:
-      print(f"[{size}] kept {workdir}")
-    else:
-      shutil.rmtree(workdir, ignore_errors=True)
   with open(os.path.join(a.out, "compare.md"), "w") as f:
     f.write(report.markdown(results, env))
   report.chart(results, env, os.path.join(a.out, "compare.png"))
+  if a.keep_workdir:
+    print(f"kept {run_dir} (worker logs, weights, compilation cache)")
+  else:
+    shutil.rmtree(run_dir, ignore_errors=True)
   print(f"wrote {a.out}/compare.md, compare.png, " +
         ", ".join(f"compare_{s}.json" for s in sizes))
 

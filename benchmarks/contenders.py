@@ -22,9 +22,12 @@ Protocol: `python contenders.py NAME SPEC_JSON` builds the contender, runs
 two warm-up steps (the first compiles) and prints one line `@@ {...}` (setup
 figures); then each `step` line on stdin runs one step and answers
 `@@ {"t": seconds, "loss": ...}`; `done` answers with the peak RSS and exits.
-The driver interleaves the workers' steps, so machine drift hits all alike,
-and each worker's peak RSS is its own. Libraries are imported only by the
-workers that use them (the PEFT worker never imports jax).
+Peak RSS is Linux's VmHWM: `peak_rss` over the worker's life (imports,
+set-up, compilation, steps), `peak_rss_steps` while the timed steps ran
+(the peak is reset once warm). With `figures_only` in the spec a worker
+only builds the step and answers its compiled figures (compare.py's
+`remat='full'` variants). Libraries are imported only by the workers that
+use them (the PEFT worker never imports jax).
 """
 
 from __future__ import annotations
@@ -37,17 +40,27 @@ import time
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR, WEIGHT_DECAY = 1e-4, 0.01
-NAMES = ("lora_jax", "nnx", "qwix", "peft", "full")
+
+
+def _status(key: str) -> int:
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
 
 def rss_bytes() -> int:
   """Current resident set (VmRSS) of this process."""
-  with open("/proc/self/status") as f:
-    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+  return _status("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  """Peak resident set since the process started or `reset_peak_rss` (VmHWM, as ru_maxrss)."""
+  return _status("VmHWM")
+
+
+def reset_peak_rss() -> None:
+  """Restarts the peak at the current resident set (Linux: /proc/self/clear_refs)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 
 
 def batch_ids(spec: dict):
@@ -63,9 +76,10 @@ def reference_logits(spec: dict):
 
 
 # ----------------------------------------------------------------------------
-# JAX contenders. Each returns (step, logits, info): step() runs one train step
-# and returns the loss (a host float, so the step has finished); logits() is the
-# model's output on the batch before training.
+# Contenders. Each builder returns (step, logits, info): step() runs one train
+# step and returns its loss (a host float, so the step has finished); logits
+# are the model's output on the batch before training; info holds counts and,
+# for some, XLA's figures of the compiled step.
 
 
 def _lm_loss(logits, ids):
@@ -138,19 +152,24 @@ def _split_step(apply, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _run_split_step(jitted, trained, frozen, ids, tx, figures: bool):
-  """Closure over the state of a `_split_step`; optionally its compiled figures first."""
-  state = {"trained": trained, "opt": tx.init(trained)}
-  info = _compiled_figures(jitted, state["trained"], state["opt"], frozen, ids) if figures else {}
+def _run_split_step(jitted, trained, frozen, ids, tx):
+  """Closure over the state of a `_split_step`, and its compiled figures.
+
+  The optimizer state is made by the first step (not by a figures-only worker).
+  """
+  import jax
+  info = _compiled_figures(jitted, trained, jax.eval_shape(tx.init, trained), frozen, ids)
+  state = {"trained": trained, "opt": None}
 
   def step():
+    if state["opt"] is None:
+      state["opt"] = tx.init(state["trained"])
     state["trained"], state["opt"], loss = jitted(state["trained"], state["opt"], frozen, ids)
     return float(loss)
   return step, info
 
 
 def build_lora_jax(spec: dict):
-  import flax.linen as nn
   import jax
   import optax
   import lora_jax as lj
@@ -161,8 +180,7 @@ def build_lora_jax(spec: dict):
   model = lj.inject(llama, config)
   params = lj.init_adapters(model, base, jax.random.key(1), ids)
   del base
-  logits = lambda: model.apply({"params": params}, ids)
-  ref = logits()
+  ref = jax.jit(model.apply)({"params": params}, ids)  # jitted: eager ops compile one by one
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]  # boxed: shardings
   tx = lj.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY), lj.split(params)[0], config)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -182,12 +200,13 @@ def build_lora_jax(spec: dict):
 
 
 def build_full(spec: dict):
+  import jax
   import optax
   llama, base, ids = _linen_base(spec)
-  ref = llama.apply({"params": base}, ids)
+  ref = jax.jit(llama.apply)({"params": base}, ids)
   tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
   jitted = _split_step(lambda p, x: llama.apply({"params": p}, x), tx)
-  step, info = _run_split_step(jitted, base, {}, ids, tx, figures=True)
+  step, info = _run_split_step(jitted, base, {}, ids, tx)
   info.update(trained_params=_count(base), total_params=_count(base))
   return step, ref, info
 
@@ -215,8 +234,8 @@ def build_qwix(spec: dict):
   jitted = _split_step(apply, tx)
   flat = traverse_util.flatten_dict(base)
   flat.update(traverse_util.flatten_dict(adapters))
-  ref = apply(traverse_util.unflatten_dict(flat), ids)
-  step, info = _run_split_step(jitted, adapters, base, ids, tx, figures=True)
+  ref = jax.jit(apply)(traverse_util.unflatten_dict(flat), ids)
+  step, info = _run_split_step(jitted, adapters, base, ids, tx)
   info.update(trained_params=_count(adapters), total_params=_count(adapters) + _count(base))
   return step, ref, info
 
@@ -230,7 +249,7 @@ def build_nnx(spec: dict):
   model = nnx_llama.from_linen(llama.config, base, lora_rank=spec["rank"],
                                lora_alpha=float(spec["alpha"]), a_init=_peft_a_init(), seed=1)
   del base
-  ref = model(ids)
+  ref = nnx.jit(lambda m, x: m(x))(model, ids)
   optimizer = nnx.Optimizer(model, optax.adamw(LR, weight_decay=WEIGHT_DECAY),
                             wrt=nnx.LoRAParam)
 
@@ -250,33 +269,15 @@ def build_nnx(spec: dict):
 # PEFT on torch.
 
 
-def hf_config(size: dict):
-  import transformers
-  return transformers.LlamaConfig(
-      vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
-      intermediate_size=size["intermediate_size"], num_hidden_layers=size["num_layers"],
-      num_attention_heads=size["num_heads"], num_key_value_heads=size["num_kv_heads"],
-      head_dim=size["hidden_size"] // size["num_heads"], rms_norm_eps=1e-5, rope_theta=10_000.0,
-      max_position_embeddings=size["max_position_embeddings"], tie_word_embeddings=False,
-      attention_bias=False, mlp_bias=False)
-
-
 def build_peft(spec: dict):
-  import numpy as np
   import peft
   import torch
   from transformers import LlamaForCausalLM
-  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
   torch.set_num_threads(spec["torch_threads"])
-  config = hf_config(spec["size"])
-  with torch.device("meta"):  # no random init: the weights come from the linen params
-    model = LlamaForCausalLM(config)
-  with np.load(os.path.join(spec["workdir"], "hf_params.npz")) as f:
-    state = {k: torch.from_numpy(f[k]) for k in f.files}
-  model.load_state_dict(state, strict=True, assign=True)
-  model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in the state dict
-  del state
+  # The linen params, written by lora_jax.hf.save_llama (compare.prepare).
+  model = LlamaForCausalLM.from_pretrained(os.path.join(spec["workdir"], "hf"),
+                                           torch_dtype=torch.float32)
   lora = peft.LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=list(TARGETS),
                          lora_dropout=0.0, bias="none")
   model = peft.get_peft_model(model, lora)
@@ -330,16 +331,20 @@ def main() -> None:
   first_loss = step()  # compiles (JAX) or warms up (torch)
   t1 = time.perf_counter()
   step()
+  peak_setup = peak_rss_bytes()
+  reset_peak_rss()  # from here: the peak while training
   _send(dict(info, name=name, first_step_s=t1 - t0, setup_s=time.perf_counter() - start,
              logits_max_abs_diff=diff, first_loss=first_loss, rss_after_imports=rss_imports,
-             rss_ready=rss_bytes(), pid=os.getpid()))
+             rss_ready=rss_bytes(), peak_rss_setup=peak_setup, pid=os.getpid()))
   for line in sys.stdin:
     if line.strip() == "step":
       t0 = time.perf_counter()
       loss = step()
       _send({"t": time.perf_counter() - t0, "loss": loss})
     elif line.strip() == "done":
-      _send({"peak_rss": peak_rss_bytes(), "rss_end": rss_bytes()})
+      steps = peak_rss_bytes()
+      _send({"peak_rss_steps": steps, "peak_rss": max(peak_setup, steps),
+             "rss_end": rss_bytes(), "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])})
       return
 
 

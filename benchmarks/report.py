@@ -33,17 +33,19 @@ def size_table(size: str, r: dict) -> str:
   steps = len(next(iter(t.values()))["step_times_s"])
   out += [f"### {_model_line(size, r)}", "",
           f"Train step, median of {steps} warm steps, contenders interleaved; ratio = "
-          "contender / lora_jax (above 1: lora_jax is faster). Peak RSS: each contender's own "
-          "process (imports included: `after imports` column). Logits diff: max |logits - the "
-          "linen model's| on the batch before training (the same model and weights).", "",
+          "contender / lora_jax (above 1: lora_jax is faster). Peak RSS of each contender's own "
+          "process: over its life (imports, set-up, compilation, steps) and while the timed "
+          "steps ran; `imports`: its RSS after importing its libraries. Logits diff: max "
+          "|logits - the linen model's| on the batch before training (the same model and "
+          "weights).", "",
           "| contender | step ms | ratio to lora_jax | trained params | peak RSS MiB "
-          "| after imports MiB | logits diff | loss before |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "| peak RSS, steps MiB | imports MiB | logits diff | loss before |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for n, c in t.items():
     out.append(f"| {LABELS[n]} | {c['median_s'] * 1e3:,.1f} | {c['ratio_to_lora_jax']:.2f} | "
                f"{c['trained_params']:,} | {_mib(c['peak_rss'])} | "
-               f"{_mib(c['rss_after_imports'])} | {c['logits_max_abs_diff']:.1e} | "
-               f"{c['first_loss']:.5f} |")
+               f"{_mib(c['peak_rss_steps'])} | {_mib(c['rss_after_imports'])} | "
+               f"{c['logits_max_abs_diff']:.1e} | {c['first_loss']:.5f} |")
   if "lora_jax" in t and "full" in t:
     lj, full = t["lora_jax"], t["full"]
     out += ["", "Compiled train step (XLA `cost_analysis` / `memory_analysis`; total = "
@@ -51,14 +53,15 @@ def size_table(size: str, r: dict) -> str:
             "| | FLOPs | argument MiB | temp MiB | total MiB | with remat='full': FLOPs "
             "| total MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in (("lora_jax LoRA", lj), ("full FT", full)):
-      rm = c.get("remat_full", {})
+      rm = c.get("remat_full")
+      remat = f"{rm['flops']:.3e} | {_mib(rm['total_bytes'])}" if rm else "- | -"
       out.append(f"| {name} | {c['flops']:.3e} | {_mib(c['argument_bytes'])} | "
-                 f"{_mib(c['temp_bytes'])} | {_mib(c['total_bytes'])} | "
-                 f"{rm.get('flops', float('nan')):.3e} | {_mib(rm.get('total_bytes', 0))} |")
+                 f"{_mib(c['temp_bytes'])} | {_mib(c['total_bytes'])} | {remat} |")
     s = r["summary"]
+    remat = (f"{s['flop_ratio_remat']:.3f} | {s['memory_ratio_remat']:.3f}"
+             if "memory_ratio_remat" in s else "- | -")
     out.append(f"| LoRA / full | {s['flop_ratio']:.3f} | | | {s['memory_ratio']:.3f} | "
-               f"{s.get('flop_ratio_remat', float('nan')):.3f} | "
-               f"{s.get('memory_ratio_remat', float('nan')):.3f} |")
+               f"{remat} |")
   if "forward" in r:
     f = r["forward"]
     base_t, base_f = f["median_s"]["base"], f["flops"]["base"]
@@ -73,7 +76,8 @@ def size_table(size: str, r: dict) -> str:
   if "merge" in r:
     out += ["", "Merge, rank 16 (`jit`: `jax.jit(merge, static_argnums=1, donate_argnums=0)`, "
             "compile excluded; `eager`: `lora_jax.merge(params, config)`, first call includes "
-            "compiling its ops; RSS: a fresh process holding only the params):", "",
+            "compiling its ops; RSS: a fresh process holding the params, peak during the "
+            "first merge):", "",
             "| merge | first s | median s | params MiB | RSS before MiB | peak RSS MiB "
             "| peak - before MiB | XLA temp MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, g in r["merge"].items():
@@ -84,7 +88,8 @@ def size_table(size: str, r: dict) -> str:
                  f"{_mib(g['peak_rss_first'] - g['rss_before'])} | {temp} |")
   if "collectives" in r:
     c = r["collectives"]
-    kinds = sorted({k for n in ("lora", "frozen", "full") for k in c[n]["collective_bytes"]})
+    steps = [n for n in ("lora", "frozen", "full") if n in c]
+    kinds = sorted({k for n in steps for k in c[n]["collective_bytes"]})
     out += ["", f"Collective bytes per device per step, {c['devices']} simulated CPU devices, "
             f"mesh {c['mesh']}, batch {c['batch']} x seq {c['seq']} "
             "(`lora_jax.sharding.collective_bytes`); frozen = the same model with only "
@@ -92,7 +97,7 @@ def size_table(size: str, r: dict) -> str:
             "| step | " + " | ".join(kinds) + " | total | / frozen |",
             "|---|" + "---:|" * (len(kinds) + 2)]
     frozen = sum(c["frozen"]["collective_bytes"].values())
-    for n in ("lora", "frozen", "full"):
+    for n in steps:
       b = c[n]["collective_bytes"]
       out.append(f"| {n} | " + " | ".join(f"{b.get(k, 0):,}" for k in kinds) +
                  f" | {sum(b.values()):,} | {sum(b.values()) / frozen:.4f} |")
@@ -105,8 +110,8 @@ def markdown(results: dict, env: dict) -> str:
   head = ["# lora_jax vs the alternatives", "",
           f"Machine: {_machine_line(env)}.", "",
           "Generated by `python benchmarks/compare.py`; see benchmarks/README.md for how each "
-          "contender is built.", ""]
-  return "\n".join(head) + "\n".join(size_table(s, r) for s, r in results.items())
+          "contender is built.", "", ""]
+  return "\n".join(head) + "\n\n".join(size_table(s, r) for s, r in results.items())
 
 
 def chart(results: dict, env: dict, path: str) -> None:
@@ -125,8 +130,7 @@ def chart(results: dict, env: dict, path: str) -> None:
     xs = [j + i * width for j in range(len(names))]
     bars = ax.bar(xs, [t[n]["ratio_to_lora_jax"] for n in names], width, label=s)
     for b, n in zip(bars, names):
-      ax.annotate(f"{t[n]['median_s'] * 1e3:,.0f} ms", (b.get_x() + b.get_width() / 2,
-                  b.get_height()), ha="center", va="bottom", fontsize=7)
+      _label(ax, b, f"{t[n]['median_s'] * 1e3:,.0f} ms")
   ax.axhline(1, color="k", lw=0.8)
   ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(names))],
                 [LABELS[n] for n in names], rotation=20, ha="right", fontsize=8)
@@ -143,8 +147,7 @@ def chart(results: dict, env: dict, path: str) -> None:
     vals = [t["lora_jax"][k] / t["full"][k] for k, _ in keys]
     bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=s)
     for b, v in zip(bars, vals):
-      ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
-                  fontsize=8)
+      _label(ax, b, f"{v:.2f}")
   ax.axhline(0.70, color="tab:red", lw=0.8, ls="--", label="FLOP target 0.70")
   ax.axhline(0.40, color="tab:purple", lw=0.8, ls=":", label="memory target 0.40")
   ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(keys))],
@@ -162,8 +165,7 @@ def chart(results: dict, env: dict, path: str) -> None:
     vals = [f["median_s"][k] / f["median_s"]["base"] for k in fkeys]
     bars = ax.bar([j + i * width for j in range(len(fkeys))], vals, width, label=s)
     for b, k in zip(bars, fkeys):
-      ax.annotate(f"{f['median_s'][k] * 1e3:,.0f} ms", (b.get_x() + b.get_width() / 2,
-                  b.get_height()), ha="center", va="bottom", fontsize=7)
+      _label(ax, b, f"{f['median_s'][k] * 1e3:,.0f} ms")
   ax.axhline(1, color="k", lw=0.8)
   ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(fkeys))],
                 ["base", "merged", "LoRA r8", "LoRA r16", "LoRA r64"], fontsize=8)
@@ -171,6 +173,8 @@ def chart(results: dict, env: dict, path: str) -> None:
   ax.set_title("Forward latency")
   ax.legend(fontsize=8)
 
+  for ax in axes:
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the labels
   models = "; ".join(_model_line(s, r) for s, r in results.items())
   fig.suptitle("lora_jax vs flax.nnx.LoRA, qwix, HF PEFT and full fine-tuning", fontsize=12)
   fig.text(0.5, 0.005, _wrap(f"{models}\n{_machine_line(env)}"), ha="center", va="bottom",
@@ -180,6 +184,30 @@ def chart(results: dict, env: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _label(ax, bar, text: str) -> None:
+  ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+              va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+
+
 def _wrap(text: str, width: int = 190) -> str:
   import textwrap
   return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
+if __name__ == "__main__":  # re-render from the JSON files: python benchmarks/report.py [DIR]
+  import glob
+  import json
+  import os
+  import sys
+  out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")
+  order = {"tiny": 0, "small": 1, "large": 2}
+  paths = sorted(glob.glob(os.path.join(out, "compare_*.json")),
+                 key=lambda p: order.get(p.rsplit("_", 1)[1][:-5], 9))
+  results = {}
+  for path in paths:
+    with open(path) as f:
+      results[path.rsplit("_", 1)[1][:-5]] = json.load(f)
+  env = next(iter(results.values()))
+  with open(os.path.join(out, "compare.md"), "w") as f:
+    f.write(markdown(results, env))
+  chart(results, env, os.path.join(out, "compare.png"))

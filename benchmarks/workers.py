@@ -10,11 +10,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+EXTRA_ENV: dict[str, str] = {}  # set by the driver for every worker, e.g. a compilation cache
 
 
 def worker_env(devices: int | None = None) -> dict:
   """This environment with the simulated CPU device count set to `devices` (or removed)."""
-  env = dict(os.environ)
+  env = dict(os.environ, **EXTRA_ENV)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
   if devices is not None:
     flags.append(f"{_DEVICE_FLAG}={devices}")
