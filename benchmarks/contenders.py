@@ -96,7 +96,8 @@ def _linen_base(spec: dict):
   import jax
   import jax.numpy as jnp
   from lora_jax.models.llama import Llama, LlamaConfig
-  llama = Llama(LlamaConfig(**spec["size"], remat=spec.get("remat", "none")))
+  llama = Llama(LlamaConfig(**spec["size"], remat=spec.get("remat", "none"),
+                            scan_layers=spec.get("scan_layers", False)))
   ids = jnp.asarray(batch_ids(spec))
   base = jax.jit(lambda k: nn.unbox(llama.init(k, ids)["params"]))(jax.random.key(0))
   return llama, base, ids

@@ -50,7 +50,7 @@ def size_table(size: str, r: dict) -> str:
     lj, full = t["lora_jax"], t["full"]
     out += ["", "Compiled train step (XLA `cost_analysis` / `memory_analysis`; total = "
             "argument + temp + output - alias):", "",
-            "| | FLOPs | argument MiB | temp MiB | total MiB | with remat='full': FLOPs "
+            "| | FLOPs | argument MiB | temp MiB | total MiB | scan + remat='full': FLOPs "
             "| total MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in (("lora_jax LoRA", lj), ("full FT", full)):
       rm = c.get("remat_full")

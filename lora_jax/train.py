@@ -44,10 +44,15 @@ def causal_lm_loss(model: nn.Module, *, dropout: bool = True) -> LossFn:
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32))
     rngs = {"dropout": rng} if dropout else {}
-    logits = model.apply({"params": params}, ids, mask, rngs=rngs)
+    logits = model.apply({"params": params}, ids, mask, rngs=rngs).astype(jnp.float32)
+    # Every position predicts the next token; the last has none (weight 0). Whole-sequence
+    # logits avoid a sliced copy, and optax's logsumexp form keeps no log-softmax copy:
+    # both vocabulary-sized.
+    pad = jnp.zeros_like(ids[:, :1])
+    targets = jnp.concatenate([ids[:, 1:], pad], axis=1)
     weights = (batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weights = jnp.concatenate([weights, jnp.zeros_like(weights[:, :1])], axis=1)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * weights), jnp.sum(weights)
   return loss_fn
 
