@@ -49,7 +49,8 @@ def size_table(size: str, r: dict) -> str:
   if "lora_jax" in t and "full" in t:
     lj, full = t["lora_jax"], t["full"]
     out += ["", "Compiled train step (XLA `cost_analysis` / `memory_analysis`; total = "
-            "argument + temp + output - alias):", "",
+            "argument + temp + output - alias; a scanned program's FLOPs count its loop body "
+            "once):", "",
             "| | FLOPs | argument MiB | temp MiB | total MiB | scan + remat='full': FLOPs "
             "| total MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in (("lora_jax LoRA", lj), ("full FT", full)):
@@ -139,12 +140,19 @@ def chart(results: dict, env: dict, path: str) -> None:
   ax.legend(fontsize=8)
 
   ax = axes[1]  # compiled memory and FLOPs of LoRA vs full, and peak RSS
-  keys = [("flops", "FLOPs"), ("total_bytes", "XLA memory"), ("peak_rss", "peak RSS")]
+  keys = [("flops", "FLOPs"), ("total_bytes", "XLA memory"),
+          ("remat_total_bytes", "XLA memory,\nscan + remat"), ("peak_rss", "peak RSS")]
+
+  def figure(c: dict, key: str) -> float:
+    if key.startswith("remat_"):
+      return c.get("remat_full", {}).get(key[len("remat_"):], float("nan"))
+    return c[key]
+
   for i, s in enumerate(sizes):
     t = results[s]["train"]
     if "lora_jax" not in t or "full" not in t:
       continue
-    vals = [t["lora_jax"][k] / t["full"][k] for k, _ in keys]
+    vals = [figure(t["lora_jax"], k) / figure(t["full"], k) for k, _ in keys]
     bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=s)
     for b, v in zip(bars, vals):
       _label(ax, b, f"{v:.2f}")
