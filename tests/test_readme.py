@@ -22,3 +22,10 @@ def namespace():
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_snippet_runs(index, namespace, capsys):
   exec(compile(SNIPPETS[index], f"README.md[{index}]", "exec"), namespace)
+
+
+def test_ci_runs_the_readme_test_command():
+  """`.ci/run` runs exactly the README's install-and-test command."""
+  ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+  commands = re.findall(r"```sh\n(.*?)\n```", README.read_text(), flags=re.S)
+  assert ci in commands and ci.endswith("python -m pytest")
