@@ -298,11 +298,24 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
 # --- writing ---------------------------------------------------------------
 
 def check_free(directory: Path, overwrite: bool) -> None:
-  if directory.exists() and not directory.is_dir():
-    raise FileExistsError(f"{directory} is a file, not a directory")
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty: refusing to overwrite it "
-                          "(pass overwrite=True to replace it)")
+  """Refuses a file or a non-empty directory (unless `overwrite`), as the writer sees it.
+
+  The first process writes, so its view decides, and every process raises
+  together: no process is left waiting for one that refused.
+  """
+  problem = None
+  if jax.process_index() == 0:
+    if directory.exists() and not directory.is_dir():
+      problem = f"{directory} is a file, not a directory"
+    elif directory.exists() and any(directory.iterdir()) and not overwrite:
+      problem = (f"{directory} exists and is not empty: refusing to overwrite it "
+                 "(pass overwrite=True to replace it)")
+  if jax.process_count() > 1:
+    refused = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+    if refused and problem is None:
+      problem = f"{directory}: the first process refused to write there"
+  if problem:
+    raise FileExistsError(problem)
 
 
 @contextlib.contextmanager
