@@ -29,9 +29,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
 from lora_jax.layers import geometry_from_shapes
-from lora_jax.tree import merge, split
+from lora_jax.tree import leaf_paths, merge, split
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
       path = f"{prefix}/{key}" if prefix else str(key)
       if isinstance(value, Mapping):
         if not isinstance(base_tree, Mapping) or key not in base_tree:
-          leaves = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(value)]
+          leaves = leaf_paths(value)
           if not any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in leaves):  # trainable params that this base side does not hold
             continue
           raise ValueError(f"adapter '{path}' has no layer in the base params")

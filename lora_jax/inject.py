@@ -22,10 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import ALL_LINEAR, LoRAConfig, join_path
+from lora_jax.config import ALL_LINEAR, LoRAConfig
 from lora_jax.layers import (
     _Adapted, add_adapter, dense_contraction, dense_general_contraction, einsum_contraction)
-from lora_jax.tree import combine, split
+from lora_jax.tree import combine, leaf_paths, split
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 # The calls that compute `x @ kernel`. A subclass's own `__call__` around them (say,
@@ -268,12 +268,9 @@ def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sampl
   if not adapters:
     raise ValueError("the model created no adapters: inject(model, config) first, or use "
                      "LoRA layers")
-  missing = sorted(set(_leaf_paths(rest)) - set(_leaf_paths(nn.unbox(base_params))))
+  missing = sorted(set(leaf_paths(rest)) - set(leaf_paths(nn.unbox(base_params))))
   if missing:
     raise ValueError(f"base_params lack {len(missing)} param(s) the model needs, e.g. "
                      f"{', '.join(missing[:3])}")
   return combine(adapters, base_params)
 
-
-def _leaf_paths(tree: Mapping) -> list[str]:
-  return [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]

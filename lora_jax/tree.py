@@ -100,12 +100,17 @@ def check_trainable_rules(params: Any, config: LoRAConfig | None) -> None:
   """Raises `ValueError` for a `trainable` rule that matches no param (a typo trains nothing)."""
   if config is None or not config.trainable:
     return
-  paths = [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+  paths = leaf_paths(params)
   used = {config.trainable_rule(p) for p in paths}
   unused = [rule for rule in config.trainable if rule not in used]
   if unused:
     raise ValueError(f"trainable rule {unused[0]!r} matches no param; params are named "
                      f"like {', '.join(paths[:4])}")
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """The `/`-joined path of every leaf of `tree`, in leaf order."""
+  return [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _is_adapter(path: str, config: LoRAConfig | None) -> bool:

@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig, join_path
-from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array, jax_module,
-                               jax_param, to_hf)
+from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig
+from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array,
+                               jax_module, jax_param, to_hf)
 from lora_jax.models.llama import LlamaConfig, unstack_layers
-from lora_jax.tree import split
+from lora_jax.tree import leaf_paths, split
 
 PREFIX = "base_model.model."
 _ADAPTER_TENSOR = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight"
@@ -165,9 +164,9 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
       tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = host_array(layer["lora_magnitude"])
     ranks[name], alphas[name] = a.shape[1], config.alpha_for(rule_path(path))
 
-  trained = [p for p in _leaf_paths(adapters) if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
+  trained = [p for p in leaf_paths(adapters) if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES]
   extras = sorted({p.rsplit("/", 1)[0] for p in trained})
-  has_base = any(p.endswith("/kernel") for p in _leaf_paths(full))
+  has_base = any(p.endswith("/kernel") for p in leaf_paths(full))
   tied = model_config.tie_word_embeddings if model_config else has_base and "lm_head" not in full
   for module in extras:
     if hf_module(module) in ranks:
@@ -211,10 +210,6 @@ def export_peft(directory, params: Mapping, config: LoRAConfig, *,
 
 _LINEAR = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
            "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-
-
-def _leaf_paths(tree: Mapping) -> list[str]:
-  return [join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _layer_count(full: Mapping, config: LoRAConfig, model_config: LlamaConfig | None,
