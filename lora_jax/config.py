@@ -1,17 +1,25 @@
 """`LoRAConfig`: which layers get adapters, with which rank and scale.
 
 Paths are the `/`-joined names of flax modules or params, e.g.
-`layers_0/self_attn/q_proj` or `layers_0/self_attn/q_proj/kernel`. Rules are
-matched against them in two ways:
+`layers_0/self_attn/q_proj` or `layers_0/self_attn/q_proj/kernel`. Every rule
+of a config (`targets`, `exclude`, the keys of `rank_pattern` and
+`alpha_pattern`, `trainable`) is a `PathRule`: a regular expression that must
+match a whole path. Rules are written in one of three forms, each turned into
+that one regex:
 
-* a regex given as `targets` or `exclude` must match the whole path (like
-  PEFT's `target_modules` given as a string);
-* names (a list for `targets`/`exclude`) and the keys of `rank_pattern`,
-  `alpha_pattern` and `trainable` match a trailing run of path components:
-  `q_proj` matches `layers_0/self_attn/q_proj` but not `layers_0/my_q_proj`.
-  The keys of the patterns and `trainable` are regexes; names are literal.
+* a string given as `targets` or `exclude` is itself the regex (like PEFT's
+  `target_modules` given as a string): `'.*/(q_proj|v_proj)'`;
+* an entry of a list given as `targets` or `exclude` is a literal name that
+  matches a trailing run of path components (like PEFT's list form):
+  `'q_proj'` and `'self_attn/q_proj'` match `layers_0/self_attn/q_proj`, but
+  not `layers_0/self_attn/my_q_proj`;
+* a key of `rank_pattern`/`alpha_pattern` and an entry of `trainable` is a
+  regex that matches a trailing run of path components (PEFT's patterns):
+  `'layers_1/.*'`, `'v_proj'`.
 
-For patterns the first matching entry wins.
+For patterns the first matching entry wins; a key may appear only once. A
+rule that matches nothing in the model is an error (`check_rules`), whatever
+its kind: it is almost always a typo that would silently train something else.
 """
 
 from __future__ import annotations
@@ -75,9 +83,44 @@ def _compile(pattern: Any, field: str) -> str:
   return pattern
 
 
-def _matches_suffix(pattern: str, path: str) -> bool:
-  """Whether regex `pattern` matches a trailing run of `path`'s components."""
-  return re.fullmatch(f"(?:.*/)?(?:{pattern})", path) is not None
+@dataclasses.dataclass(frozen=True)
+class PathRule:
+  """One rule of a config, as written and as the regex every path is matched with.
+
+  Attributes:
+    field: the config field it comes from (`'targets'`, `'exclude'`,
+      `'rank_pattern'`, `'alpha_pattern'` or `'trainable'`).
+    text: the rule as the user wrote it.
+    regex: a regular expression that must match a whole path.
+  """
+
+  field: str
+  text: str
+  regex: str
+
+  @classmethod
+  def whole(cls, field: str, text: str) -> PathRule:
+    """A regex over the whole path."""
+    return cls(field, text, text)
+
+  @classmethod
+  def name(cls, field: str, text: str) -> PathRule:
+    """A literal name: the trailing components of the path."""
+    return cls(field, text, f"(?:.*/)?{re.escape(text)}")
+
+  @classmethod
+  def suffix(cls, field: str, text: str) -> PathRule:
+    """A regex over a trailing run of the path's components."""
+    return cls(field, text, f"(?:.*/)?(?:{text})")
+
+  def matches(self, path: str) -> bool:
+    """Whether the rule matches `path` (the one matching function of lora_jax)."""
+    return re.fullmatch(self.regex, path) is not None
+
+  def __str__(self) -> str:
+    kind = {"targets": "target", "rank_pattern": "rank_pattern key",
+            "alpha_pattern": "alpha_pattern key"}.get(self.field, f"{self.field} rule")
+    return f"{kind} {self.text!r}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +185,11 @@ def _pattern(value: Any, field: str, check) -> tuple[tuple[str, Any], ...]:
     pairs = [(k, v) for k, v in items]
   except (TypeError, ValueError):
     _fail(field, value, "must map regexes to values")
+  keys = [k for k, _ in pairs]
+  repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+  if repeated is not None:
+    # A mapping keeps one value per key: serialised, the pairs would change meaning.
+    _fail(field, value, f"key {repeated!r} appears more than once")
   return tuple((_compile(k, field), check(v, f"{field}[{k!r}]")) for k, v in pairs)
 
 
@@ -208,21 +256,42 @@ class LoRAConfig:
 
   # --- path rules -----------------------------------------------------------
 
+  def rules(self, field: str) -> tuple[PathRule, ...]:
+    """The rules of one field (`'targets'`, `'exclude'`, `'rank_pattern'`,
+    `'alpha_pattern'` or `'trainable'`), in order; `'all-linear'` has none."""
+    value = getattr(self, field)
+    if field in ("targets", "exclude"):
+      if value == ALL_LINEAR:
+        return ()
+      if isinstance(value, str):
+        return (PathRule.whole(field, value),)
+      return tuple(PathRule.name(field, v) for v in value)
+    if field in ("rank_pattern", "alpha_pattern"):
+      return tuple(PathRule.suffix(field, k) for k, _ in value)
+    if field == "trainable":
+      return tuple(PathRule.suffix(field, v) for v in value)
+    raise ValueError(f"LoRAConfig has no rule field {field!r}")
+
   def selects(self, path: str) -> bool:
     """Whether the linear layer at module `path` gets an adapter."""
-    if _rule_matches(self.exclude, path):
+    if any(rule.matches(path) for rule in self.rules("exclude")):
       return False
     if self.targets == ALL_LINEAR:
       return path.rsplit("/", 1)[-1] not in HEAD_NAMES
-    return _rule_matches(self.targets, path)
+    return any(rule.matches(path) for rule in self.rules("targets"))
+
+  def _pattern_value(self, field: str, path: str, default: Any) -> Any:
+    values = (v for (_, v), rule in zip(getattr(self, field), self.rules(field))
+              if rule.matches(path))
+    return next(values, default)
 
   def rank_for(self, path: str) -> int:
     """The rank of the layer at module `path` (`rank_pattern`, else `rank`)."""
-    return next((v for k, v in self.rank_pattern if _matches_suffix(k, path)), self.rank)
+    return self._pattern_value("rank_pattern", path, self.rank)
 
   def alpha_for(self, path: str) -> float:
     """The alpha of the layer at module `path` (`alpha_pattern`, else `alpha`)."""
-    return next((v for k, v in self.alpha_pattern if _matches_suffix(k, path)), self.alpha)
+    return self._pattern_value("alpha_pattern", path, self.alpha)
 
   def adapter_for(self, path: str) -> AdapterSpec:
     """The full adapter settings of the layer at module `path`."""
@@ -244,12 +313,44 @@ class LoRAConfig:
     """
     parts = param_path.split("/")
     prefixes = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
-    return next((rule for rule in self.trainable
-                 if any(_matches_suffix(rule, p) for p in prefixes)), None)
+    return next((rule.text for rule in self.rules("trainable")
+                 if any(map(rule.matches, prefixes))), None)
 
   def is_trainable(self, param_path: str) -> bool:
     """Whether a non-adapter param (e.g. `classifier/kernel`) trains fully."""
     return self.trainable_rule(param_path) is not None
+
+  def unmatched_rules(self, layers: Iterable[str], params: Iterable[str] | None = None
+                      ) -> list[PathRule]:
+    """The rules that match nothing in a model, in field order.
+
+    A `targets` or `exclude` rule must match one of the model's linear layers;
+    a `rank_pattern`/`alpha_pattern` key one of the layers the config selects
+    (elsewhere it has no effect); a `trainable` rule one of `params` (checked
+    only when they are given).
+
+    Args:
+      layers: module paths of the model's linear layers.
+      params: param paths of the model.
+    """
+    layers = list(layers)
+    selected = [p for p in layers if self.selects(p)]
+    unmatched = [rule for field in ("targets", "exclude") for rule in self.rules(field)
+                 if not any(map(rule.matches, layers))]
+    unmatched += [rule for field in ("rank_pattern", "alpha_pattern")
+                  for rule in self.rules(field) if not any(map(rule.matches, selected))]
+    if params is not None:
+      used = {self.trainable_rule(p) for p in params}
+      unmatched += [rule for rule in self.rules("trainable") if rule.text not in used]
+    return unmatched
+
+  def check_rules(self, layers: Iterable[str], params: Iterable[str] | None = None) -> None:
+    """Raises `ValueError` naming the first rule that matches nothing (`unmatched_rules`)."""
+    layers = list(layers)
+    params = None if params is None else list(params)
+    unmatched = self.unmatched_rules(layers, params)
+    if unmatched:
+      raise unmatched_error(unmatched[0], layers, params)
 
   # --- serialisation --------------------------------------------------------
 
@@ -291,10 +392,20 @@ class LoRAConfig:
     return cls.from_dict(yaml.safe_load(text) or {})
 
 
-def _rule_matches(rule: str | tuple[str, ...], path: str) -> bool:
-  if isinstance(rule, str):  # a regex over the whole path
-    return re.fullmatch(rule, path) is not None
-  return any(_matches_suffix(re.escape(name), path) for name in rule)
+def unmatched_error(rule: PathRule, layers: list[str], params: list[str] | None) -> ValueError:
+  """The error for a rule that matches nothing, listing what it could have matched."""
+  if rule.field == "trainable":
+    shown = ", ".join(params[:6]) + (", ..." if len(params) > 6 else "")
+    return ValueError(f"{rule} matches no param; params of this model: {shown}")
+  what = "no layer the config selects" if rule.field.endswith("_pattern") else "no linear layer"
+  return ValueError(f"{rule} matches {what}; linear layers of this model: "
+                    f"{describe_paths(layers)}")
+
+
+def describe_paths(paths: Iterable[str]) -> str:
+  """Paths with layer indices collapsed, for messages: `layers_*/self_attn/q_proj`."""
+  collapsed = (re.sub(r"(^|/|_)\d+(?=/|$)", r"\1*", p) for p in paths)
+  return ", ".join(dict.fromkeys(collapsed)) or "(none)"
 
 
 def join_path(keys: Iterable[Any]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import re
 import threading
 from collections.abc import Mapping
 
@@ -22,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import ALL_LINEAR, LoRAConfig
+from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, unmatched_error
 from lora_jax.layers import (
     _Adapted, add_adapter, dense_contraction, dense_general_contraction, einsum_contraction)
 from lora_jax.tree import combine, leaf_paths, split
@@ -36,9 +35,25 @@ _LINEAR_CALLS = tuple(inspect.unwrap(cls.__call__) for cls in LINEAR_TYPES)
 
 @dataclasses.dataclass
 class _Survey:
-  """What one outermost call of a model saw: module paths and their types."""
+  """What one outermost call of a model saw: module paths and their types.
 
+  Attributes:
+    top: the module whose call this is (the model itself).
+    linear: layers that compute `x @ kernel` through nn.Dense/DenseGeneral/Einsum's
+      own call: the only ones an adapter can be added to.
+    custom: subclasses of those whose own `__call__` never reaches the base
+      class's: how they use their kernel is unknown, so they are not adapted.
+    detached: linear modules called through `.apply` with explicit params (tied
+      heads: `lm_head.apply({'params': {'kernel': embedding.T}}, h)`): not
+      layers of the model, so never adapted.
+    other: every other module.
+    adapted: the layers that got an adapter.
+  """
+
+  top: nn.Module | None = None
   linear: dict[str, str] = dataclasses.field(default_factory=dict)
+  custom: dict[str, str] = dataclasses.field(default_factory=dict)
+  detached: dict[str, str] = dataclasses.field(default_factory=dict)
   other: dict[str, str] = dataclasses.field(default_factory=dict)
   adapted: dict[str, None] = dataclasses.field(default_factory=dict)
 
@@ -66,17 +81,25 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
+    if survey.top is None:
+      survey.top = module
     if context.method_name != "__call__" or isinstance(module, _Adapted):
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
     if not isinstance(module, LINEAR_TYPES):
       survey.other.setdefault(path, type(module).__name__)
       return next_fun(*args, **kwargs)
+    if not module.path and module is not survey.top:  # `.apply` with its own params
+      survey.detached.setdefault(module.name or type(module).__name__, type(module).__name__)
+      return next_fun(*args, **kwargs)
+    if inspect.unwrap(getattr(context.orig_method, "func", context.orig_method)) not in _LINEAR_CALLS:
+      base = next(cls for cls in LINEAR_TYPES if isinstance(module, cls))
+      survey.custom.setdefault(path, f"{type(module).__name__} (an nn.{base.__name__} whose own "
+                               f"__call__ does not call nn.{base.__name__}.__call__)")
+      return next_fun(*args, **kwargs)
     survey.linear.setdefault(path, type(module).__name__)
     outputs = next_fun(*args, **kwargs)
-    if (config is None or not config.selects(path)
-        or inspect.unwrap(getattr(context.orig_method, "func", context.orig_method))
-        not in _LINEAR_CALLS):
+    if config is None or not config.selects(path):
       return outputs
     survey.adapted.setdefault(path)
     inputs, contraction = _contraction(module, args, kwargs)
@@ -85,39 +108,40 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
   return intercept
 
 
-def _pattern_of(path: str) -> str:
-  return re.sub(r"(^|/|_)\d+(?=/|$)", r"\1*", path)
-
-
-def _listing(paths) -> str:
-  """Paths with layer indices collapsed: `layers_*/self_attn/q_proj`."""
-  return ", ".join(dict.fromkeys(_pattern_of(p) for p in paths)) or "(none)"
-
-
-def _check_selection(config: LoRAConfig, survey: _Survey) -> None:
-  """Raises `ValueError` when the config selects nothing, or names a non-linear module."""
+def _check_selection(config: LoRAConfig, survey: _Survey, params=None) -> None:
+  """Raises `ValueError` when the config selects nothing, names a module it cannot
+  adapt, or holds a rule that matches nothing."""
   if not survey.linear:
     raise ValueError("the model calls no nn.Dense, nn.DenseGeneral or nn.Einsum layer: "
                      "there is nothing LoRA can adapt")
-  candidates = f"linear layers of this model: {_listing(survey.linear)}"
-  if isinstance(config.targets, tuple):
-    for name in config.targets:
-      probe = LoRAConfig(targets=[name])
-      if any(probe.selects(p) for p in survey.linear):
-        continue
-      others = [f"'{p}' ({kind})" for p, kind in survey.other.items() if probe.selects(p)]
-      if others:
-        raise ValueError(f"target '{name}' names {', '.join(others[:3])}, not a linear layer "
-                         f"(nn.Dense/DenseGeneral/Einsum); {candidates}")
-      raise ValueError(f"target '{name}' matches no linear layer; {candidates}")
+  candidates = f"linear layers of this model: {describe_paths(survey.linear)}"
+  custom = [p for p in survey.custom if p not in survey.linear]
+  explicit = config.rules("targets")
+  for path in custom:
+    if any(rule.matches(path) for rule in explicit) and config.selects(path):
+      raise ValueError(
+          f"'{path}' is a {survey.custom[path]}: how it uses its kernel is unknown, so it "
+          f"cannot get an adapter; exclude it. {candidates}")
+  unmatched = [rule for rule in config.unmatched_rules(survey.linear, params)
+               if not (rule.field == "exclude" and any(map(rule.matches, custom)))]
+  if unmatched and unmatched[0].field == "targets":
+    rule = unmatched[0]
+    others = [f"'{p}' ({kind})" for p, kind in survey.other.items() if rule.matches(p)]
+    detached = [f"'{name}' ({kind})" for name, kind in survey.detached.items()
+                if rule.matches(name)]
+    if detached:
+      raise ValueError(
+          f"{rule} names {', '.join(detached[:3])}, which the model calls through .apply "
+          "with explicit params (a head tied to the embedding, say): not a layer of the "
+          f"model, so it cannot get an adapter; {candidates}")
+    if others:
+      raise ValueError(f"{rule} names {', '.join(others[:3])}, not a linear layer "
+                       f"(nn.Dense/DenseGeneral/Einsum); {candidates}")
+  if unmatched:
+    raise unmatched_error(unmatched[0], list(survey.linear), params)
   if not any(config.selects(p) for p in survey.linear):
     what = "'all-linear'" if config.targets == ALL_LINEAR else f"targets={config.targets!r}"
-    others = [f"'{p}' ({kind})" for p, kind in survey.other.items()
-              if isinstance(config.targets, str) and config.targets != ALL_LINEAR
-              and re.fullmatch(config.targets, p)]
-    also = f" (it matches only non-linear modules: {', '.join(others[:3])})" if others else ""
-    raise ValueError(f"{what} with exclude={config.exclude!r} selects no layer{also}; "
-                     f"{candidates}")
+    raise ValueError(f"{what} with exclude={config.exclude!r} selects no layer; {candidates}")
 
 
 _active = threading.local()  # the survey of the outermost injected call in progress
@@ -140,7 +164,7 @@ class _Injected:
     finally:
       _active.survey = None
     if self.scope is not None and self.is_mutable_collection("params"):  # creating params
-      _check_selection(self._lora_config, survey)
+      _check_selection(self._lora_config, survey, leaf_paths(self.variables.get("params", {})))
     return out
 
 
@@ -222,11 +246,12 @@ def targets(model: nn.Module, config: LoRAConfig | None = None, *sample_args, **
   """
   survey = _Survey()
   plain = _plain(model)
+
   with nn.intercept_methods(_interceptor(None, survey)):
-    jax.eval_shape(lambda: plain.init(jax.random.key(0), *sample_args, **sample_kwargs))
+    variables = jax.eval_shape(lambda: plain.init(jax.random.key(0), *sample_args, **sample_kwargs))
   if config is None:
     return list(survey.linear)
-  _check_selection(config, survey)
+  _check_selection(config, survey, leaf_paths(nn.unbox(variables.get("params", {}))))
   return [p for p in survey.linear if config.selects(p)]
 
 
@@ -239,38 +264,51 @@ def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sampl
   (`jax.ShapeDtypeStruct`) give abstract adapters without using memory, and
   the function works under `jax.eval_shape`.
 
+  Models with other variable collections (BatchNorm's `batch_stats`, caches)
+  take either their params alone or the whole variables dict, `{'params':
+  ..., 'batch_stats': ...}`, and return the same form. The other collections
+  are only read by the sample call and returned untouched (one the call
+  would update, such as batch statistics in training mode, keeps its given
+  value; one that is missing is made up for the call and dropped).
+
   Args:
     model: an injected model (or one built from LoRA layers).
-    base_params: the plain model's `params` collection (no `'params'` key).
+    base_params: the plain model's `params` collection, or all of its
+      variables (a dict with a `'params'` key; so a model whose top-level
+      module is named `params` must pass its variables).
     rng: key for the adapter initialisers.
     *sample_args: arguments for one call of the model (shapes are what count).
     **sample_kwargs: keyword arguments for that call.
 
   Returns:
-    The full param tree: `base_params` plus the adapter leaves.
+    The full param tree: `base_params` plus the adapter leaves; given
+    variables, the variables with their `'params'` so extended.
 
   Raises:
     ValueError: when the model creates no adapter, or needs params that
       `base_params` lacks.
   """
   rngs = dict(sample_kwargs.pop("rngs", None) or {})
+  is_variables = isinstance(base_params, Mapping) and "params" in base_params
+  others = {k: v for k, v in base_params.items() if k != "params"} if is_variables else {}
+  base = base_params["params"] if is_variables else base_params
 
-  def make(key, base):
-    _, state = model.apply({"params": base}, *sample_args, rngs={**rngs, "params": key},
-                           mutable=["params"], **sample_kwargs)
+  def make(key, base, others):
+    _, state = model.apply({"params": base, **others}, *sample_args,
+                           rngs={**rngs, "params": key}, mutable=True, **sample_kwargs)
     return split(state["params"])
 
   # Shapes first (no memory); then only the adapters are computed, never a copy of the base.
-  adapters, rest = jax.eval_shape(make, rng, base_params)
-  abstract = any(isinstance(l, jax.ShapeDtypeStruct) for l in jax.tree.leaves(base_params))
-  if not abstract and adapters:
-    adapters = jax.jit(lambda key, base: make(key, base)[0])(rng, base_params)
+  adapters, rest = jax.eval_shape(make, rng, base, others)
+  leaves = jax.tree.leaves((base, others))
+  if adapters and not any(isinstance(l, jax.ShapeDtypeStruct) for l in leaves):
+    adapters = jax.jit(lambda key, base, others: make(key, base, others)[0])(rng, base, others)
   if not adapters:
     raise ValueError("the model created no adapters: inject(model, config) first, or use "
                      "LoRA layers")
-  missing = sorted(set(leaf_paths(rest)) - set(leaf_paths(nn.unbox(base_params))))
+  missing = sorted(set(leaf_paths(rest)) - set(leaf_paths(nn.unbox(base))))
   if missing:
     raise ValueError(f"base_params lack {len(missing)} param(s) the model needs, e.g. "
                      f"{', '.join(missing[:3])}")
-  return combine(adapters, base_params)
-
+  params = combine(adapters, base)
+  return {**base_params, "params": params} if is_variables else params

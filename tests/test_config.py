@@ -132,3 +132,25 @@ def test_trainable_matches_module_or_param_paths():
   assert c.is_trainable("layers_0/input_norm/scale")
   assert not c.is_trainable("layers_0/attn/q_proj/kernel")
   assert not LoRAConfig().is_trainable("classifier/kernel")
+
+
+def test_a_repeated_pattern_key_is_refused():
+  for field in ("rank_pattern", "alpha_pattern"):
+    with pytest.raises(ValueError, match=f"LoRA {field}=.*key 'v_proj' appears more than once"):
+      LoRAConfig(**{field: [("v_proj", 4), ("q_proj", 2), ("v_proj", 8)]})
+  pairs = LoRAConfig(rank_pattern=[("v_proj", 4), (".*", 2)])  # order is kept through JSON
+  assert LoRAConfig.from_json(pairs.to_json()) == pairs
+
+
+def test_one_rule_form_per_field():
+  c = LoRAConfig(targets=["q_proj"], exclude="layers_0/.*", rank_pattern={"v.*": 2},
+                 trainable=["head"])
+  (target,), (exclude,) = c.rules("targets"), c.rules("exclude")
+  assert target.matches("a/q_proj") and not target.matches("a/qxproj")  # a literal name
+  assert not c.rules("targets")[0].matches("a/q_proj/x")
+  assert exclude.matches("layers_0/a") and not exclude.matches("x/layers_0/a")  # whole path
+  assert c.rules("rank_pattern")[0].matches("a/v_proj")  # a regex over trailing components
+  assert LoRAConfig().rules("targets") == ()  # all-linear is no rule
+  assert str(c.rules("trainable")[0]) == "trainable rule 'head'"
+  assert [str(r) for r in c.unmatched_rules(["layers_0/q_proj"], ["layers_0/q_proj/kernel"])] == [
+      "rank_pattern key 'v.*'", "trainable rule 'head'"]

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,9 +184,9 @@ def test_init_adapters_errors(zoo_params):
      "of this model: shared, remat_block/up, .*stack/block/up"),
     (lj.LoRAConfig(targets=["norm"]), "target 'norm' names 'remat_block/norm' \\(LayerNorm\\).*"
      "not a linear layer"),
-    (lj.LoRAConfig(targets=".*/norm"), "selects no layer \\(it matches only non-linear modules: "
-     "'remat_block/norm' \\(LayerNorm\\)"),
-    (lj.LoRAConfig(targets="nothing.*"), "targets='nothing.\\*'.*selects no layer"),
+    (lj.LoRAConfig(targets=".*/norm"), "target '.\\*/norm' names 'remat_block/norm' "
+     "\\(LayerNorm\\).*not a linear layer"),
+    (lj.LoRAConfig(targets="nothing.*"), "target 'nothing.\\*' matches no linear layer"),
     (lj.LoRAConfig(exclude=".*"), "'all-linear' with exclude='.\\*' selects no layer"),
 ])
 def test_bad_selection_raises_listing_candidates(config, message):
@@ -387,3 +388,134 @@ def test_init_adapters_takes_extra_rngs(zoo_params):
   params = lj.init_adapters(model, zoo_params, jax.random.key(2), X,
                             rngs={"dropout": jax.random.key(3)})
   assert "lora_a" in params["head"]
+
+
+# --- what is and is not a layer of the model -------------------------------------------
+
+class TiedHead(nn.Module):
+  """A head tied to the embedding the way Hugging Face's Flax models compute it."""
+
+  def setup(self):
+    self.embed = nn.Embed(12, 8)
+    self.body = nn.Dense(8)
+    self.lm_head = nn.Dense(12, use_bias=False)
+
+  def __call__(self, ids):
+    h = self.body(self.embed(ids))
+    return self.lm_head.apply({"params": {"kernel": self.embed.embedding.T}}, h)
+
+
+IDS_12 = jnp.arange(6).reshape(2, 3)
+
+
+def test_tied_head_called_through_apply_is_not_a_layer():
+  base = TiedHead().init(jax.random.key(0), IDS_12)["params"]
+  assert lj.targets(TiedHead(), None, IDS_12) == ["body"]
+  assert lj.targets(TiedHead(), lj.LoRAConfig(), IDS_12) == ["body"]
+  model = lj.inject(TiedHead(), lj.LoRAConfig(rank=2))
+  params = lj.init_adapters(model, base, jax.random.key(1), IDS_12)
+  assert set(lj.split(params)[0]) == {"body"}
+  np.testing.assert_array_equal(model.apply({"params": params}, IDS_12),
+                                TiedHead().apply({"params": base}, IDS_12))
+  with pytest.raises(ValueError, match="target 'lm_head' names 'lm_head' \\(Dense\\), which the "
+                     "model calls through .apply with explicit params"):
+    lj.targets(TiedHead(), lj.LoRAConfig(targets=["lm_head"]), IDS_12)
+
+
+def test_hugging_face_tied_head_is_never_selected(allow_rank_promotion):
+  transformers = pytest.importorskip("transformers")
+  from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLMModule
+  config = transformers.LlamaConfig(
+      vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+  module = FlaxLlamaForCausalLMModule(config, dtype=jnp.float32)
+  ids = jnp.arange(8).reshape(1, 8)
+  args = (ids, jnp.ones_like(ids), jnp.arange(8)[None])
+  found = lj.targets(module, lj.LoRAConfig(), *args)
+  assert "" not in found and len(found) == 7  # q, k, v, o, gate, up, down
+  base = jax.jit(module.init)(jax.random.key(0), *args)["params"]
+  model = lj.inject(module, lj.LoRAConfig(rank=2))
+  params = jax.jit(lambda b: lj.init_adapters(model, b, jax.random.key(1), *args))(base)
+  np.testing.assert_array_equal(model.apply({"params": params}, *args).logits,
+                                module.apply({"params": base}, *args).logits)
+
+
+class ScaledDense(nn.Dense):
+  """A Dense subclass with its own call that never reaches nn.Dense.__call__."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    return 2.0 * x @ kernel
+
+
+class Wrapped(nn.Dense):
+  """A subclass whose own call goes through nn.Dense's: adapted as a Dense."""
+
+  def __call__(self, x):
+    return super().__call__(x) * 2.0
+
+
+class Custom(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return ScaledDense(8, name="scaled")(Wrapped(8, name="wrapped")(nn.Dense(8, name="plain")(x)))
+
+
+def test_subclass_with_its_own_call_is_never_reported_selected():
+  x = jnp.ones((2, 8))
+  assert lj.targets(Custom(), None, x) == ["plain", "wrapped"]
+  assert lj.targets(Custom(), lj.LoRAConfig(), x) == ["plain", "wrapped"]
+  for targets in (["scaled"], ".*"):
+    with pytest.raises(ValueError, match="'scaled' is a ScaledDense \\(an nn.Dense whose own "
+                       "__call__ does not call nn.Dense.__call__\\).*exclude it"):
+      lj.inject(Custom(), lj.LoRAConfig(targets=targets)).init(jax.random.key(0), x)
+  params = lj.inject(Custom(), lj.LoRAConfig(targets=".*", exclude=["scaled"])).init(
+      jax.random.key(0), x)["params"]
+  assert set(lj.split(params)[0]) == {"plain", "wrapped"}
+
+
+@pytest.mark.parametrize("config, message", [
+    (lj.LoRAConfig(exclude=["layers_9"]), "exclude rule 'layers_9' matches no linear layer; "
+     "linear layers of this model: layers_\\*"),
+    (lj.LoRAConfig(exclude=["layers_.*"]), "exclude rule 'layers_.\\*' matches no linear layer"),
+    (lj.LoRAConfig(exclude="layers_9"), "exclude rule 'layers_9' matches no linear layer"),
+    (lj.LoRAConfig(rank_pattern={"layers_7": 2}), "rank_pattern key 'layers_7' matches no layer "
+     "the config selects"),
+    (lj.LoRAConfig(exclude=["layers_0"], rank_pattern={"layers_0": 2}),
+     "rank_pattern key 'layers_0' matches no layer the config selects"),
+    (lj.LoRAConfig(alpha_pattern={"layer_1": 2.0}), "alpha_pattern key 'layer_1' matches no layer"),
+    (lj.LoRAConfig(trainable=["layers_1/bais"]), "trainable rule 'layers_1/bais' matches no param; "
+     "params of this model: layers_0/bias"),
+])
+def test_every_rule_that_matches_nothing_raises(config, message):
+  mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(4), nn.Dense(2)])
+  x = jnp.ones((1, 3))
+  with pytest.raises(ValueError, match=message):
+    lj.targets(mlp, config, x)
+  with pytest.raises(ValueError, match=message):
+    lj.inject(mlp, config).init(jax.random.key(0), x)
+
+
+class Normed(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(8, name="up")(x)
+    return nn.BatchNorm(use_running_average=not train, name="norm")(x)
+
+
+def test_init_adapters_keeps_other_collections():
+  x = jax.random.normal(jax.random.key(2), (4, 3))
+  variables = Normed().init(jax.random.key(0), x)
+  variables = {"params": variables["params"],
+               "batch_stats": jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])}
+  model = lj.inject(Normed(), lj.LoRAConfig(rank=2))
+  alone = lj.init_adapters(model, variables["params"], jax.random.key(1), x)  # params in, params out
+  for train in (False, True):  # training mode would update the statistics: they stay as given
+    out = lj.init_adapters(model, variables, jax.random.key(1), x, train=train)
+    assert set(out) == {"params", "batch_stats"}
+    assert out["batch_stats"] is variables["batch_stats"]
+    assert jax.tree.map(jnp.shape, lj.split(out["params"])[0]) == {
+        "up": {"lora_a": (3, 2), "lora_b": (2, 8)}}
+  np.testing.assert_array_equal(model.apply(out, x), Normed().apply(variables, x))
+  chex.assert_trees_all_equal(alone, out["params"])
