@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
-from lora_jax.layers import geometry_from_shapes
+from lora_jax.layout import read_layout
 from lora_jax.tree import leaf_paths, merge, split
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
   Args:
     directory: what `save_adapter` wrote.
     target: the base params (or abstract ones) the adapters are meant for;
-      each adapter is checked against its kernel there.
+      each adapter is checked against its kernel there. Params that hold
+      adapters already (another run's, say) define what fits themselves:
+      the same adapter leaves with the same shapes.
     shardings: a tree of shardings for the adapters (e.g.
       `TrainStep.adapter_shardings`): each host reads only its shards.
 
@@ -124,8 +126,10 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
 def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
   """Raises `ValueError` naming the first adapter path that does not fit `base`.
 
-  `base` may be the plain model's params or the base side of `split(params,
-  config)` (which lacks the `trainable` params: those are then not checked).
+  `base` may be the plain model's params, the base side of `split(params,
+  config)` (which lacks the `trainable` params: those are then not checked),
+  or params that hold adapters already: then those adapters define what fits
+  (same leaves, same shapes), as a restore into them needs.
   """
   def walk(tree: Mapping, base_tree: Any, prefix: str):
     if isinstance(base_tree, Mapping):
@@ -142,11 +146,17 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
           raise ValueError(f"adapter '{path}' has no layer in the base params")
         walk(value, base_tree[key], path)
       elif key in ADAPTER_LEAVES:
+        if key in base_tree:  # the target's own adapters define what fits
+          if tuple(base_tree[key].shape) != tuple(value.shape):
+            raise ValueError(f"adapter '{path}' has shape {tuple(value.shape)}, the target's "
+                             f"adapter there has {tuple(base_tree[key].shape)}")
+          continue
         if "kernel" not in base_tree:
           raise ValueError(f"adapter '{path}' has no kernel beside it in the base params")
         kernel = base_tree["kernel"].shape
         try:
-          geometry_from_shapes(kernel, tree["lora_a"].shape, tree["lora_b"].shape)
+          read_layout(kernel, tree["lora_a"].shape, tree["lora_b"].shape,
+                      tree["lora_magnitude"].shape if "lora_magnitude" in tree else None)
         except (KeyError, ValueError) as e:
           raise ValueError(f"adapter '{path}' does not fit kernel {kernel}: {e}") from None
         rank = tree["lora_a"].shape[-1]
@@ -157,6 +167,14 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
         found = base_tree[key].shape if key in base_tree else "nothing"
         raise ValueError(f"trainable '{path}' has shape {value.shape}, the base has {found}")
 
+  is_adapter = lambda p: p.rsplit("/", 1)[-1] in ADAPTER_LEAVES
+  held = {p for p in leaf_paths(base) if is_adapter(p)}
+  if held:
+    saved = {p for p in leaf_paths(adapters) if is_adapter(p)}
+    for which, paths in (("the checkpoint lacks", held - saved), ("the target lacks", saved - held)):
+      if paths:
+        raise ValueError(f"the target holds adapters, and {which} adapter "
+                         f"'{sorted(paths)[0]}' ({len(paths)} in all)")
   walk(adapters, base, "")
 
 

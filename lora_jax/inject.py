@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, unmatched_error
-from lora_jax.layers import (
-    _Adapted, add_adapter, dense_contraction, dense_general_contraction, einsum_contraction)
+from lora_jax.layers import _Adapted, add_adapter
+from lora_jax.layout import dense_contraction, dense_general_contraction, einsum_contraction
 from lora_jax.tree import combine, leaf_paths, split
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)

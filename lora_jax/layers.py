@@ -1,210 +1,43 @@
 """The adapter math, and LoRA versions of flax's linear layers.
 
-Every linear layer is described by how it contracts its input with its kernel,
-as einsum letters (a `Contraction`). From that follows where the adapter's A
-and B live:
-
-* contracting axes of the kernel (summed with the input) belong to A,
-* output axes of the kernel belong to B,
-* shared axes (in the input, the kernel and the output: `DenseGeneral`'s
-  `batch_dims`, the layer axis of `nn.scan`) belong to both.
-
-When the kernel is laid out as shared, contracting, then output axes (every
-`Dense` and `DenseGeneral`, most einsums) A and B are *compact*:
-`A: shared + contracting + (r,)`, `B: shared + (r,) + output`. Otherwise (e.g.
-Gemma's `'BTD,NDH->BTNH'`, kernel `(N, D, H)`) both keep every kernel axis, with
-size 1 where the axis is not theirs, and the rank last: `A: (1, D, 1, r)`,
-`B: (N, 1, H, r)`. Either way the layout can be read back from the shapes
-alone, which is what `merge` does.
+Where an adapter's A, B and DoRA magnitude sit relative to the kernel is its
+`Layout` (`lora_jax.layout`); `add_adapter` creates them in that layout and
+computes the update, `merged_kernel` folds them into the kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import string
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import opt_einsum
 
 from lora_jax.config import AdapterSpec
+from lora_jax.layout import (
+    Contraction, Layout, dense_contraction, dense_general_contraction, einsum_contraction,
+    layout_of, read_layout)
 
 
-class Contraction(NamedTuple):
-  """A linear layer as einsum letters: `outputs = einsum(inputs, kernel)`."""
+def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None,
+                  layout: Layout | None = None) -> jax.Array:
+  """`W + scale * A @ B` (DoRA: rescaled per output feature), in float32.
 
-  inputs: str
-  kernel: str
-  outputs: str
-
-
-def dense_contraction(ndim: int) -> Contraction:
-  """`nn.Dense`: the last input axis with the kernel's first."""
-  letters = string.ascii_letters[:ndim + 1]
-  batch, i, o = letters[:ndim - 1], letters[ndim - 1], letters[ndim]
-  return Contraction(batch + i, i + o, batch + o)
-
-
-def dense_general_contraction(
-    ndim: int, axis: Any, batch_dims: Any, n_features: int
-) -> Contraction:
-  """`nn.DenseGeneral`: kernel = batch_dims + axis + features axes."""
-  # Sorted, as flax orders the kernel's axes by input position whatever order `axis` has.
-  axes = lambda a: tuple(sorted(int(d) % ndim for d in (a if isinstance(a, (tuple, list)) else (a,))))
-  axis, batch = axes(axis), axes(batch_dims)
-  x = string.ascii_letters[:ndim]
-  feats = string.ascii_letters[ndim:ndim + n_features]
-  shared = "".join(x[d] for d in batch)
-  rest = "".join(x[d] for d in range(ndim) if d not in axis + batch)
-  return Contraction(x, shared + "".join(x[d] for d in axis) + feats, shared + rest + feats)
-
-
-def einsum_contraction(equation: str, input_shape, kernel_shape) -> Contraction:
-  """`nn.Einsum`: the equation with any ellipsis spelled out."""
-  operands, outputs, _ = opt_einsum.parser.parse_einsum_input(
-      (equation.replace(" ", ""), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
-       jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
-  inputs, kernel = operands.split(",")
-  return Contraction(inputs, kernel, outputs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Which kernel axes an adapter's A, B and DoRA magnitude carry."""
-
-  kernel: str
-  contract: str
-  shared: str
-  rank: str
-
-  @property
-  def free(self) -> str:
-    return "".join(c for c in self.kernel if c not in self.contract + self.shared)
-
-  @property
-  def compact(self) -> bool:
-    return self.kernel == self.shared + self.contract + self.free
-
-  # Letters of the stored arrays with their size-1 placeholder axes dropped.
-  @property
-  def a_letters(self) -> str:
-    return "".join(c for c in self.kernel if c not in self.free) + self.rank
-
-  @property
-  def b_letters(self) -> str:
-    if self.compact:
-      return self.shared + self.rank + self.free
-    return "".join(c for c in self.kernel if c not in self.contract) + self.rank
-
-  @property
-  def magnitude_letters(self) -> str:
-    return "".join(c for c in self.kernel if c not in self.contract)
-
-  def stored_axes(self, which: str) -> tuple[str | None, ...]:
-    """The letter of each stored axis of `'a'`, `'b'` or `'m'` (magnitude).
-
-    `None` marks a size-1 placeholder axis.
-    """
-    letters = {"a": self.a_letters, "b": self.b_letters, "m": self.magnitude_letters}[which]
-    if self.compact:
-      return tuple(letters)
-    rank = (self.rank,) if which != "m" else ()
-    return tuple(c if c in letters else None for c in self.kernel) + rank
-
-  def shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], ...]:
-    """Stored shapes of A, B and the magnitude for a kernel of that shape."""
-    size = dict(zip(self.kernel, kernel_shape), **{self.rank: rank})
-    return tuple(tuple(size[c] if c else 1 for c in self.stored_axes(w)) for w in "abm")
-
-  def axis_names(self, which: str, kernel_names) -> tuple[str | None, ...]:
-    """Logical axis names of A, B or the magnitude, from the kernel's names.
-
-    Each adapter axis takes the name of the kernel axis it spans; the rank
-    axis and placeholders get `None` (replicated).
-    """
-    name = dict(zip(self.kernel, kernel_names))
-    return tuple(name.get(c) for c in self.stored_axes(which))
-
-  def squeeze(self, array: jax.Array, letters: str, kernel_shape, rank: int = 1) -> jax.Array:
-    """Drops size-1 placeholder axes so `array` matches `letters`."""
-    size = dict(zip(self.kernel, kernel_shape), **{self.rank: rank})
-    return jnp.reshape(array, tuple(size[c] for c in letters))
-
-  def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    """A @ B in the kernel's layout (squeezed A and B)."""
-    return jnp.einsum(f"{self.a_letters},{self.b_letters}->{self.kernel}", a, b,
-                      precision=jax.lax.Precision.HIGHEST)  # TPUs default to bf16 passes
-
-  def column_norm(self, w: jax.Array) -> jax.Array:
-    """||w|| per output feature (over the contracting axes): magnitude letters."""
-    axes = tuple(i for i, c in enumerate(self.kernel) if c in self.contract)
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=axes))
-
-
-def geometry_of(contraction: Contraction) -> Geometry:
-  """The adapter geometry of a layer, from its contraction."""
-  x, k, o = contraction
-  contract = "".join(c for c in k if c in x and c not in o)
-  shared = "".join(c for c in k if c in x and c in o)
-  orphan = [c for c in k if c not in x and c not in o]
-  if orphan or len(set(k)) != len(k):
-    raise ValueError(
-        f"cannot add an adapter to a kernel '{k}' in '{x},{k}->{o}': every kernel axis "
-        "must be contracted with the input or appear in the output, once")
-  if not contract:
-    raise ValueError(f"cannot add an adapter to '{x},{k}->{o}': the kernel contracts no input axis")
-  rank = next(c for c in string.ascii_letters if c not in x + k + o)
-  return Geometry(k, contract, shared, rank)
-
-
-def geometry_from_shapes(kernel_shape, a_shape, b_shape) -> Geometry:
-  """Reads an adapter's layout back from the shapes of kernel, A and B.
-
-  Raises:
-    ValueError: when A and B fit the kernel in no layout.
+  Args:
+    layout: the adapter's layout; read from the shapes when not given.
   """
-  k, a, b = len(kernel_shape), len(a_shape), len(b_shape)
-  letters = string.ascii_letters[:k]
-  rank = string.ascii_letters[k]
-  kernel_shape, a_shape, b_shape = tuple(kernel_shape), tuple(a_shape), tuple(b_shape)
-  s = a + b - k - 2
-  c = a - s - 1
-  if s >= 0 and c >= 1 and b - s - 1 >= 0:  # compact: shared + contract (+ r) / shared + r + free
-    r = a_shape[-1]
-    if (a_shape == kernel_shape[:s + c] + (r,)
-        and b_shape == kernel_shape[:s] + (r,) + kernel_shape[s + c:]):
-      return Geometry(letters, letters[s:s + c], letters[:s], rank)
-  elif a == b == k + 1 and a_shape[-1] == b_shape[-1]:  # size-1 placeholders, rank last
-    contract, shared, ok = "", "", True
-    for letter, kd, ad, bd in zip(letters, kernel_shape, a_shape, b_shape):
-      if ad == kd and bd == kd:
-        shared += letter
-      elif ad == kd and bd == 1:
-        contract += letter
-      elif not (ad == 1 and bd == kd):
-        ok = False
-    if ok and contract:
-      return Geometry(letters, contract, shared, rank)
-  raise ValueError(
-      f"lora_a {a_shape} and lora_b {b_shape} do not fit kernel {kernel_shape} in any adapter "
-      "layout (A: [shared] + contracting + (r,), B: [shared] + (r,) + output)")
-
-
-def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None) -> jax.Array:
-  """`W + scale * A @ B` (DoRA: rescaled per output feature), in float32."""
-  geom = geometry_from_shapes(kernel.shape, lora_a.shape, lora_b.shape)
-  rank = lora_a.shape[-1]
-  a = geom.squeeze(lora_a, geom.a_letters, kernel.shape, rank).astype(jnp.float32)
-  b = geom.squeeze(lora_b, geom.b_letters, kernel.shape, rank).astype(jnp.float32)
-  w = kernel.astype(jnp.float32) + scale * geom.delta(a, b)
+  if layout is None:
+    layout = read_layout(kernel.shape, lora_a.shape, lora_b.shape,
+                         None if lora_magnitude is None else lora_magnitude.shape)
+  a = layout.squeeze(lora_a, "a").astype(jnp.float32)
+  b = layout.squeeze(lora_b, "b").astype(jnp.float32)
+  w = kernel.astype(jnp.float32) + scale * layout.delta(a, b)
   if lora_magnitude is None:
     return w
-  m = geom.squeeze(lora_magnitude, geom.magnitude_letters, kernel.shape)
-  gain = _dora_gain(m, geom.column_norm(w))
-  return _align(gain, geom.magnitude_letters, geom.kernel) * w
+  gain = _dora_gain(layout.squeeze(lora_magnitude, "m"), layout.column_norm(w))
+  return _align(gain, layout.letters("m"), layout.kernel) * w
 
 
 def _dora_gain(magnitude: jax.Array, norm: jax.Array) -> jax.Array:
@@ -212,9 +45,13 @@ def _dora_gain(magnitude: jax.Array, norm: jax.Array) -> jax.Array:
 
   The magnitude starts as the kernel's norm in its own dtype; rounding the
   norm the same way keeps the gain exactly 1 at init for any `lora_dtype`.
+  Where a column of W' is all zero its direction is undefined: the gain is 1
+  there, so the column acts as plain LoRA (and a zero column of the base stays
+  the base's zero at init, with finite gradients).
   """
   norm = norm.astype(magnitude.dtype).astype(jnp.float32)
-  return magnitude.astype(jnp.float32) / norm
+  nonzero = norm > 0
+  return jnp.where(nonzero, magnitude.astype(jnp.float32) / jnp.where(nonzero, norm, 1.0), 1.0)
 
 
 def _align(array: jax.Array, letters: str, target: str) -> jax.Array:
@@ -234,7 +71,7 @@ def _init_a(spec: AdapterSpec, fan_in: int):
   return init
 
 
-def _annotated(init, raw_kernel: Any, geom: Geometry, which: str):
+def _annotated(init, raw_kernel: Any, layout: Layout, which: str):
   """`init` with partitioning names derived from the kernel's, if it has any.
 
   Adapters must shard with their kernel: left unannotated they would be
@@ -242,7 +79,7 @@ def _annotated(init, raw_kernel: Any, geom: Geometry, which: str):
   """
   if not isinstance(raw_kernel, nn.Partitioned):
     return init
-  names = geom.axis_names(which, raw_kernel.names)
+  names = layout.axis_names(which, raw_kernel.names)
   return lambda *args: raw_kernel.replace(value=init(*args), names=names)
 
 
@@ -292,22 +129,21 @@ def add_adapter(
   """
   raw_kernel = module.get_variable("params", "kernel")
   kernel = nn.meta.unbox(raw_kernel)
-  geom = geometry_of(contraction)
-  a_shape, b_shape, m_shape = geom.shapes(kernel.shape, spec.rank)
-  fan_in = math.prod(kernel.shape[geom.kernel.index(c)] for c in geom.contract)
+  layout = layout_of(contraction)
+  a_shape, b_shape, m_shape = layout.shapes(kernel.shape, spec.rank)
+  fan_in = layout.fan_in(kernel.shape)
   dtype = jnp.dtype(spec.lora_dtype)
-  lora_a = module.param("lora_a", _annotated(_init_a(spec, fan_in), raw_kernel, geom, "a"),
+  lora_a = module.param("lora_a", _annotated(_init_a(spec, fan_in), raw_kernel, layout, "a"),
                         a_shape, dtype)
-  lora_b = module.param("lora_b", _annotated(nn.initializers.zeros_init(), raw_kernel, geom, "b"),
+  lora_b = module.param("lora_b", _annotated(nn.initializers.zeros_init(), raw_kernel, layout, "b"),
                         b_shape, dtype)
-  a = geom.squeeze(lora_a, geom.a_letters, kernel.shape, spec.rank)
-  b = geom.squeeze(lora_b, geom.b_letters, kernel.shape, spec.rank)
+  a, b = layout.squeeze(lora_a, "a"), layout.squeeze(lora_b, "b")
 
   compute = outputs.dtype
   precision = getattr(module, "precision", None)
   dropped = _dropout(module, inputs, spec.dropout_rate, deterministic)
   x = (inputs if dropped is None else dropped).astype(compute)
-  update = _low_rank_update(contraction, geom, x, a.astype(compute), b.astype(compute),
+  update = _low_rank_update(contraction, layout, x, a.astype(compute), b.astype(compute),
                             jnp.asarray(spec.scale, compute), precision)
   if not spec.use_dora:
     return outputs + update
@@ -315,13 +151,14 @@ def add_adapter(
   # DoRA (Liu et al. 2024): y = m / ||W'|| * (x @ W') + bias with W' = W + scale*A@B.
   # ||W'|| is a constant for the backward pass (section 4.3 of the paper; PEFT does the same).
   norm_init = lambda _, shape, dt: jnp.reshape(
-      geom.column_norm(kernel.astype(jnp.float32)), shape).astype(dt)
-  magnitude = module.param("lora_magnitude", _annotated(norm_init, raw_kernel, geom, "m"),
+      layout.column_norm(kernel.astype(jnp.float32)), shape).astype(dt)
+  magnitude = module.param("lora_magnitude", _annotated(norm_init, raw_kernel, layout, "m"),
                            m_shape, dtype)
-  m = geom.squeeze(magnitude, geom.magnitude_letters, kernel.shape)
-  w = kernel.astype(jnp.float32) + spec.scale * geom.delta(a.astype(jnp.float32), b.astype(jnp.float32))
-  gain = _align(_dora_gain(m, jax.lax.stop_gradient(geom.column_norm(w))),
-                geom.magnitude_letters, contraction.outputs)
+  m = layout.squeeze(magnitude, "m")
+  w = kernel.astype(jnp.float32) + spec.scale * layout.delta(a.astype(jnp.float32),
+                                                             b.astype(jnp.float32))
+  gain = _align(_dora_gain(m, jax.lax.stop_gradient(layout.column_norm(w))),
+                layout.letters("m"), contraction.outputs)
   # gain - 1 in float32: near 1, bf16 steps of 2**-7 would swallow small magnitude updates.
   gain_minus_one, gain = (gain - 1).astype(compute), gain.astype(compute)
   if dropped is None:  # x @ W is the base output less its bias
@@ -336,12 +173,13 @@ def add_adapter(
   return outputs + gain_minus_one * base + gain * update
 
 
-def _low_rank_update(contraction: Contraction, geom: Geometry, x: jax.Array, a: jax.Array,
+def _low_rank_update(contraction: Contraction, layout: Layout, x: jax.Array, a: jax.Array,
                      b: jax.Array, scale: jax.Array, precision: Any) -> jax.Array:
   """`scale * (x @ A) @ B` in the layout of the layer's output; A @ B is never formed."""
-  lead = contraction.inputs[:len(contraction.inputs) - len(geom.contract)]
-  if (geom.compact and not geom.shared and contraction.inputs == lead + geom.contract
-      and contraction.outputs == lead + geom.free):
+  lead = contraction.inputs[:len(contraction.inputs) - len(layout.contract)]
+  if (layout.a == layout.contract + layout.rank and layout.b == layout.rank + layout.free
+      and contraction.inputs == lead + layout.contract
+      and contraction.outputs == lead + layout.free):
     # Dense-like, (tokens..., in) -> (tokens..., out): two 2-D matmuls over all tokens.
     # As einsums over (batch, seq, ...) XLA:CPU computes B's gradient from a transposed
     # copy of the output's cotangent, 13% of a 124M-param Llama's train step.
@@ -350,10 +188,11 @@ def _low_rank_update(contraction: Contraction, geom: Geometry, x: jax.Array, a: 
     h = h * scale  # scaling the rank-sized activation is cheapest
     out_shape = x.shape[:len(lead)] + b.shape[1:]
     return jnp.dot(h, b.reshape(rank, -1), precision=precision).reshape(out_shape)
-  hidden = "".join(c for c in contraction.inputs if c not in geom.contract) + geom.rank
-  h = jnp.einsum(f"{contraction.inputs},{geom.a_letters}->{hidden}", x, a, precision=precision)
+  hidden = "".join(c for c in contraction.inputs if c not in layout.contract) + layout.rank
+  h = jnp.einsum(f"{contraction.inputs},{layout.letters('a')}->{hidden}", x, a,
+                 precision=precision)
   h = h * scale
-  return jnp.einsum(f"{hidden},{geom.b_letters}->{contraction.outputs}", h, b,
+  return jnp.einsum(f"{hidden},{layout.letters('b')}->{contraction.outputs}", h, b,
                     precision=precision)
 
 

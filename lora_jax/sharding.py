@@ -25,7 +25,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.config import ADAPTER_LEAVES
-from lora_jax.layers import geometry_from_shapes
+from lora_jax.layout import read_layout
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
@@ -171,10 +171,14 @@ def _adapter_spec(layer: Mapping, key: str, specs: Mapping, prefix: str) -> tupl
   shape = lambda k: nn.meta.unbox(layer[k]).shape
   if not all(k in layer for k in ("kernel", "lora_a", "lora_b")):
     raise ValueError(f"'{prefix}' holds {key} without a kernel, lora_a and lora_b")
-  geom = geometry_from_shapes(shape("kernel"), shape("lora_a"), shape("lora_b"))
-  mesh_axes = dict(zip(geom.kernel, specs["kernel"]))
+  try:
+    layout = read_layout(shape("kernel"), shape("lora_a"), shape("lora_b"),
+                         shape("lora_magnitude") if "lora_magnitude" in layer else None)
+  except ValueError as e:
+    raise ValueError(f"'{prefix}': {e}") from None
+  mesh_axes = dict(zip(layout.kernel, specs["kernel"]))
   which = {"lora_a": "a", "lora_b": "b", "lora_magnitude": "m"}[key]
-  return tuple(mesh_axes.get(c) for c in geom.stored_axes(which))
+  return tuple(mesh_axes.get(c) for c in layout.stored_axes(which))
 
 
 def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:

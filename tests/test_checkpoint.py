@@ -83,6 +83,22 @@ def test_adapter_that_does_not_fit_names_the_path(tmp_path, params):
     checkpoint.load_adapter(tmp_path / "a", target=unscanned)
 
 
+def test_a_target_holding_adapters_defines_what_fits(tmp_path, params, llama):
+  """A rank-4 adapter must not load silently into params that hold rank-8 adapters."""
+  checkpoint.save_adapter(tmp_path / "a", params, CONFIG)
+  rank8 = lj.LoRAConfig(rank=8, alpha=8.0, use_dora=True, trainable=["norm"])
+  held = nn.unbox(jax.eval_shape(lj.inject(llama, rank8).init, jax.random.key(0), IDS)["params"])
+  with pytest.raises(ValueError, match="adapter 'layers/mlp/down_proj/lora_a' has shape "
+                     "\\(2, 128, 4\\), the target's adapter there has \\(2, 128, 8\\)"):
+    checkpoint.load_adapter(tmp_path / "a", target=held)
+  fewer = lj.LoRAConfig(rank=4, alpha=8.0, use_dora=True, trainable=["norm"], targets=["q_proj"])
+  held = nn.unbox(jax.eval_shape(lj.inject(llama, fewer).init, jax.random.key(0), IDS)["params"])
+  with pytest.raises(ValueError, match="the target holds adapters, and the target lacks adapter "
+                     "'layers/mlp/down_proj/lora_a'"):
+    checkpoint.load_adapter(tmp_path / "a", target=held)
+  checkpoint.load_adapter(tmp_path / "a", target=params)  # its own adapters fit
+
+
 def test_adapter_loads_onto_a_mesh(tmp_path, params, llama):
   checkpoint.save_adapter(tmp_path / "a", params, CONFIG)
   model = lj.inject(llama, CONFIG)

@@ -11,8 +11,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax.layers import (
-    dense_contraction, einsum_contraction, geometry_from_shapes, geometry_of)
 
 # (name, plain layer factory, LoRA layer factory, input shape)
 KINDS = {
@@ -305,29 +303,6 @@ def test_scan_stacks_adapters_and_merge_understands_them():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_layout_read_back_from_shapes(kind):
-  """`merge` sees only shapes; it must recover the layer's own layout."""
-  _, lora_fn, shape = KINDS[kind]
-  layer = lora_fn(rank=2)
-  params = layer.init(jax.random.key(0), jnp.ones(shape))["params"]
-  geom = geometry_from_shapes(params["kernel"].shape, params["lora_a"].shape, params["lora_b"].shape)
-  kernel = params["kernel"]
-  assert geom.shapes(kernel.shape, 2)[:2] == (params["lora_a"].shape, params["lora_b"].shape)
-
-
-def test_contraction_helpers():
-  assert dense_contraction(3) == ("abc", "cd", "abd")
-  c = einsum_contraction("...d,dh->...h", (2, 3, 6), (6, 4))
-  assert c.kernel == "dh" and len(c.inputs) == 3 and c.outputs.endswith("h")
-  with pytest.raises(ValueError, match="contracts no input axis"):
-    geometry_of(einsum_contraction("bd,h->bdh", (2, 3), (4,)))
-  with pytest.raises(ValueError, match="every kernel axis"):
-    geometry_of(einsum_contraction("bd,dk->b", (2, 3), (3, 4)))
-  with pytest.raises(ValueError, match="do not fit kernel"):
-    geometry_from_shapes((6, 5), (4, 2), (2, 5))
-
-
 def test_adapters_inherit_the_kernels_partitioning():
   """Annotated kernels give annotated adapters: never silently replicated."""
   init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
@@ -381,3 +356,27 @@ def test_dora_small_magnitude_updates_survive_bf16_compute():
   expected = np.asarray(x, np.float32) @ np.asarray(merged["kernel"]) + np.asarray(merged["bias"])[None]
   change, expected_change = y1 - y0, expected - y0
   assert np.abs(change).mean() > 0.5 * np.abs(expected_change).mean() > 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "einsum_interleaved"])
+def test_dora_on_a_zero_output_column_is_finite_and_starts_as_the_base(kind):
+  """Zero-initialised projections (adaLN-Zero, zero residual branches): no 0/0."""
+  plain_fn, lora_fn, shape = KINDS[kind]
+  x = jax.random.normal(jax.random.key(0), shape)
+  init = lambda key, shape, dtype: nn.initializers.lecun_normal()(key, shape, dtype).at[..., 0].set(0)
+  layer = lora_fn(rank=2, use_dora=True, kernel_init=init)
+  params = layer.init(jax.random.key(1), x)["params"]
+  assert float(jnp.abs(params["lora_magnitude"][..., 0]).max()) == 0.0
+  base = plain_fn().apply({"params": {k: params[k] for k in ("kernel", "bias")}}, x)
+  y = layer.apply({"params": params}, x)
+  np.testing.assert_allclose(y, base, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(y[..., 0]).max()) == 0.0  # the zero column stays the base's zero
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["lora_b"]).max()) > 0  # the zero column trains, as plain LoRA
+  config = lj.LoRAConfig(rank=2, use_dora=True)
+  merged = lj.merge(params, config)
+  np.testing.assert_allclose(merged["kernel"], params["kernel"], rtol=1e-6, atol=1e-7)
+  trained = _perturb(params)
+  np.testing.assert_allclose(plain_fn().apply({"params": lj.merge(trained, config)}, x),
+                             layer.apply({"params": trained}, x), rtol=1e-5, atol=1e-5)

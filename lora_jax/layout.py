@@ -1,0 +1,277 @@
+"""Where an adapter's axes sit relative to its kernel's: its `Layout`.
+
+Every linear layer is described by how it contracts its input with its kernel,
+as einsum letters (a `Contraction`). From that follows where the adapter's A
+and B live:
+
+* contracting axes of the kernel (summed with the input) belong to A,
+* output axes of the kernel belong to B,
+* shared axes (in the input, the kernel and the output: `DenseGeneral`'s
+  `batch_dims`) belong to both.
+
+When the kernel is laid out as shared, contracting, then output axes (every
+`Dense` and `DenseGeneral`, most einsums) A and B are *compact*:
+`A: shared + contracting + (r,)`, `B: shared + (r,) + output`. Otherwise (e.g.
+Gemma's `'BTD,NDH->BTNH'`, kernel `(N, D, H)`) both keep every kernel axis, with
+size 1 where the axis is not theirs, and the rank last: `A: (1, D, 1, r)`,
+`B: (N, 1, H, r)`.
+
+Lifted transforms (`nn.scan`, `nn.vmap` with `variable_axes`) then insert an
+axis at the same index of every param of the layer; `Layout.add_axis` follows
+them exactly. A `Layout` names each stored axis of A, B and the DoRA magnitude
+by the kernel axis it spans, so merging, sharding and checking an adapter never
+depend on how its arrays happen to be shaped. Where no record is at hand,
+`read_layout` finds the layouts that fit the shapes of a layer's arrays and
+refuses, naming them, when two of them would compute different things.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import opt_einsum
+
+PLACEHOLDER = "_"  # a stored axis of size 1 that spans no kernel axis
+
+
+class Contraction(NamedTuple):
+  """A linear layer as einsum letters: `outputs = einsum(inputs, kernel)`."""
+
+  inputs: str
+  kernel: str
+  outputs: str
+
+
+def dense_contraction(ndim: int) -> Contraction:
+  """`nn.Dense`: the last input axis with the kernel's first."""
+  letters = string.ascii_letters[:ndim + 1]
+  batch, i, o = letters[:ndim - 1], letters[ndim - 1], letters[ndim]
+  return Contraction(batch + i, i + o, batch + o)
+
+
+def dense_general_contraction(
+    ndim: int, axis: Any, batch_dims: Any, n_features: int
+) -> Contraction:
+  """`nn.DenseGeneral`: kernel = batch_dims + axis + features axes."""
+  # Sorted, as flax orders the kernel's axes by input position whatever order `axis` has.
+  axes = lambda a: tuple(sorted(int(d) % ndim for d in (a if isinstance(a, (tuple, list)) else (a,))))
+  axis, batch = axes(axis), axes(batch_dims)
+  x = string.ascii_letters[:ndim]
+  feats = string.ascii_letters[ndim:ndim + n_features]
+  shared = "".join(x[d] for d in batch)
+  rest = "".join(x[d] for d in range(ndim) if d not in axis + batch)
+  return Contraction(x, shared + "".join(x[d] for d in axis) + feats, shared + rest + feats)
+
+
+def einsum_contraction(equation: str, input_shape, kernel_shape) -> Contraction:
+  """`nn.Einsum`: the equation with any ellipsis spelled out."""
+  operands, outputs, _ = opt_einsum.parser.parse_einsum_input(
+      (equation.replace(" ", ""), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
+       jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
+  inputs, kernel = operands.split(",")
+  return Contraction(inputs, kernel, outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which kernel axis each stored axis of an adapter's arrays spans.
+
+  Letters name axes: one per kernel axis, `rank` for the adapter's own axis,
+  `'_'` for a size-1 placeholder.
+
+  Attributes:
+    kernel: the kernel's axes, in order.
+    contract: the kernel axes summed with the input (A's alone).
+    rank: the letter of the rank axis.
+    a: the stored axes of `lora_a`.
+    b: the stored axes of `lora_b`.
+    m: the stored axes of the DoRA magnitude `lora_magnitude`.
+  """
+
+  kernel: str
+  contract: str
+  rank: str
+  a: str
+  b: str
+  m: str
+
+  @property
+  def shared(self) -> str:
+    """Kernel axes that A and B both carry (batch dims, lifted axes)."""
+    return "".join(c for c in self.kernel if c in self.a and c in self.b)
+
+  @property
+  def free(self) -> str:
+    """Kernel axes of the output (B's alone)."""
+    return "".join(c for c in self.kernel if c not in self.contract + self.shared)
+
+  def add_axis(self, index: int) -> Layout:
+    """The layout after a lifted transform inserts an axis at `index` of every param."""
+    new = next(c for c in string.ascii_letters if c not in self.kernel + self.rank)
+    insert = lambda s: s[:index] + new + s[index:]
+    return Layout(insert(self.kernel), self.contract, self.rank, insert(self.a),
+                  insert(self.b), insert(self.m))
+
+  def stored_axes(self, which: str) -> tuple[str | None, ...]:
+    """The kernel letter (or rank) of each stored axis of `'a'`, `'b'` or `'m'`;
+    `None` for a placeholder."""
+    return tuple(None if c == PLACEHOLDER else c for c in getattr(self, which))
+
+  def _sizes(self, kernel_shape, rank: int = 1) -> dict[str, int]:
+    return dict(zip(self.kernel, kernel_shape), **{self.rank: rank, PLACEHOLDER: 1})
+
+  def shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], ...]:
+    """Stored shapes of A, B and the magnitude for a kernel of that shape."""
+    size = self._sizes(kernel_shape, rank)
+    return tuple(tuple(size[c] for c in getattr(self, w)) for w in "abm")
+
+  def axis_names(self, which: str, kernel_names) -> tuple[str | None, ...]:
+    """Logical axis names of A, B or the magnitude, from the kernel's names.
+
+    Each adapter axis takes the name of the kernel axis it spans; the rank
+    axis and placeholders get `None` (replicated).
+    """
+    name = dict(zip(self.kernel, kernel_names))
+    return tuple(name.get(c) for c in self.stored_axes(which))
+
+  def letters(self, which: str) -> str:
+    """The axes of `'a'`, `'b'` or `'m'` once `squeeze` dropped the placeholders."""
+    return getattr(self, which).replace(PLACEHOLDER, "")
+
+  def squeeze(self, array: jax.Array, which: str) -> jax.Array:
+    """`array` (stored as `'a'`, `'b'` or `'m'`) without its placeholder axes."""
+    axes = tuple(i for i, c in enumerate(getattr(self, which)) if c == PLACEHOLDER)
+    return jnp.squeeze(array, axes) if axes else array
+
+  def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A @ B in the kernel's layout (squeezed A and B)."""
+    return jnp.einsum(f"{self.letters('a')},{self.letters('b')}->{self.kernel}", a, b,
+                      precision=jax.lax.Precision.HIGHEST)  # TPUs default to bf16 passes
+
+  def column_norm(self, w: jax.Array) -> jax.Array:
+    """||w|| per output feature (over the contracting axes), as `letters('m')`."""
+    axes = tuple(i for i, c in enumerate(self.kernel) if c in self.contract)
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes))
+    kept = "".join(c for c in self.kernel if c not in self.contract)
+    return jnp.transpose(norm, [kept.index(c) for c in self.letters("m")])
+
+  def fan_in(self, kernel_shape) -> int:
+    size = self._sizes(kernel_shape)
+    return math.prod(size[c] for c in self.contract)
+
+  def _meaning(self, kernel_shape) -> tuple:
+    """What the layout computes: every stored axis as a kernel position, rank
+    or nothing; size-1 kernel axes count as nothing (any role gives the same sums)."""
+    size = self._sizes(kernel_shape)
+    def axis(c):
+      if c == self.rank:
+        return "r"
+      return None if size[c] == 1 else self.kernel.index(c)
+    return tuple(tuple(map(axis, getattr(self, w))) for w in "abm")
+
+  def __str__(self) -> str:
+    return f"kernel {self.kernel}: A {self.a}, B {self.b}, magnitude {self.m} (rank {self.rank})"
+
+
+def layout_of(contraction: Contraction) -> Layout:
+  """The adapter layout of a layer, from its contraction."""
+  x, k, o = contraction
+  contract = "".join(c for c in k if c in x and c not in o)
+  shared = "".join(c for c in k if c in x and c in o)
+  orphan = [c for c in k if c not in x and c not in o]
+  if orphan or len(set(k)) != len(k):
+    raise ValueError(
+        f"cannot add an adapter to a kernel '{k}' in '{x},{k}->{o}': every kernel axis "
+        "must be contracted with the input or appear in the output, once")
+  if not contract:
+    raise ValueError(f"cannot add an adapter to '{x},{k}->{o}': the kernel contracts no input axis")
+  rank = next(c for c in string.ascii_letters if c not in x + k + o)
+  free = "".join(c for c in k if c not in contract + shared)
+  if k == shared + contract + free:
+    return Layout(k, contract, rank, shared + contract + rank, shared + rank + free,
+                  shared + free)
+  hole = lambda drop: "".join(PLACEHOLDER if c in drop else c for c in k)
+  return Layout(k, contract, rank, hole(free) + rank, hole(contract) + rank, hole(contract))
+
+
+def read_layout(kernel_shape, a_shape, b_shape, m_shape=None) -> Layout:
+  """The layout of an adapter whose arrays have these shapes, where no record says it.
+
+  Every layout the library makes fits: compact or full, with axes inserted by
+  lifted transforms at any index.
+
+  Raises:
+    ValueError: when no layout fits, or when layouts that compute different
+      things fit (shapes that coincide, say a layer axis as long as the rank).
+  """
+  shapes = tuple(tuple(s) for s in (kernel_shape, a_shape, b_shape)) + (
+      None if m_shape is None else tuple(m_shape),)
+  found = {layout._meaning(shapes[0]): layout for layout in _readings(*shapes)}
+  if len(found) == 1:
+    return next(iter(found.values()))
+  what = (f"lora_a {shapes[1]} and lora_b {shapes[2]}"
+          + ("" if m_shape is None else f" and lora_magnitude {shapes[3]}"))
+  if not found:
+    raise ValueError(
+        f"{what} do not fit kernel {shapes[0]} in any adapter layout (A: [shared] + "
+        "contracting + (r,), B: [shared] + (r,) + output, or both with every kernel axis "
+        "and the rank last; plus axes that nn.scan/nn.vmap inserted)")
+  raise ValueError(f"{what} fit kernel {shapes[0]} in {len(found)} layouts that compute "
+                   f"different things: {'; '.join(map(str, found.values()))}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _readings(kernel, a, b, m) -> tuple[Layout, ...]:
+  """Every layout that fits the shapes, lifted axes peeled off one at a time."""
+  found = [layout for layout in (_compact_reading(kernel, a, b), _full_reading(kernel, a, b))
+           if layout is not None]
+  for p in range(min(len(kernel), len(a), len(b))):  # an axis lifted at index p of every param
+    if kernel[p] == a[p] == b[p] and (m is None or (p < len(m) and m[p] == kernel[p])):
+      drop = lambda s: s[:p] + s[p + 1:]
+      found += [inner.add_axis(p) for inner in _readings(
+          drop(kernel), drop(a), drop(b), None if m is None else drop(m))]
+  if m is not None:
+    found = [layout for layout in found if layout.shapes(kernel, a[-1] if a else 1)[2] == m]
+  return tuple(found)
+
+
+def _compact_reading(kernel, a, b) -> Layout | None:
+  k, s = len(kernel), len(a) + len(b) - len(kernel) - 2
+  c = len(a) - s - 1
+  if s < 0 or c < 1 or len(b) - s - 1 < 0 or not a:
+    return None
+  r = a[-1]
+  if a != kernel[:s + c] + (r,) or b != kernel[:s] + (r,) + kernel[s + c:]:
+    return None
+  letters, rank = string.ascii_letters[:k], string.ascii_letters[k]
+  shared, contract, free = letters[:s], letters[s:s + c], letters[s + c:]
+  return Layout(letters, contract, rank, shared + contract + rank, shared + rank + free,
+                shared + free)
+
+
+def _full_reading(kernel, a, b) -> Layout | None:
+  if not (len(a) == len(b) == len(kernel) + 1 and a[-1] == b[-1]):
+    return None
+  letters, rank = string.ascii_letters[:len(kernel)], string.ascii_letters[len(kernel)]
+  la, lb, contract = "", "", ""
+  for letter, kd, ad, bd in zip(letters, kernel, a, b):
+    if kd == 1 and ad == bd == 1:  # any role computes the same: call it contracting
+      la, lb, contract = la + letter, lb + PLACEHOLDER, contract + letter
+    elif ad == kd == bd:
+      la, lb = la + letter, lb + letter
+    elif ad == kd and bd == 1:
+      la, lb, contract = la + letter, lb + PLACEHOLDER, contract + letter
+    elif ad == 1 and bd == kd:
+      la, lb = la + PLACEHOLDER, lb + letter
+    else:
+      return None
+  if not contract:
+    return None
+  m = "".join(PLACEHOLDER if c in contract else c for c in letters)
+  return Layout(letters, contract, rank, la + rank, lb + rank, m)
