@@ -423,16 +423,16 @@ def test_tied_head_called_through_apply_is_not_a_layer():
 
 
 def test_hugging_face_tied_head_is_never_selected(allow_rank_promotion):
+  """Flax BERT's masked-LM decoder is `decoder.apply({'params': {'kernel': embedding.T}}, h)`."""
   transformers = pytest.importorskip("transformers")
-  from transformers.models.llama.modeling_flax_llama import FlaxLlamaForCausalLMModule
-  config = transformers.LlamaConfig(
-      vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
-  module = FlaxLlamaForCausalLMModule(config, dtype=jnp.float32)
+  from transformers.models.bert.modeling_flax_bert import FlaxBertForMaskedLMModule
+  config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32)
+  module = FlaxBertForMaskedLMModule(config, dtype=jnp.float32)
   ids = jnp.arange(8).reshape(1, 8)
-  args = (ids, jnp.ones_like(ids), jnp.arange(8)[None])
+  args = (ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.arange(8)[None], None)
   found = lj.targets(module, lj.LoRAConfig(), *args)
-  assert "" not in found and len(found) == 7  # q, k, v, o, gate, up, down
+  assert "" not in found and len(found) == 7  # q, k, v, o, intermediate, output, transform
   base = jax.jit(module.init)(jax.random.key(0), *args)["params"]
   model = lj.inject(module, lj.LoRAConfig(rank=2))
   params = jax.jit(lambda b: lj.init_adapters(model, b, jax.random.key(1), *args))(base)
