@@ -1,9 +1,11 @@
 """lora_jax: LoRA and DoRA adapters for JAX/Flax, built for TPU fine-tuning."""
 
-from lora_jax.config import AdapterSpec, LoRAConfig
-from lora_jax.inject import init_adapters, inject, targets
+from lora_jax.config import AdapterSpec, LoRAConfig, PathRule
+from lora_jax.inject import init_adapters, inject, layouts, targets
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
-from lora_jax.tree import combine, count, merge, optimizer, partition, split, summary
+from lora_jax.layout import Layout
+from lora_jax.optim import optimizer
+from lora_jax.tree import combine, count, merge, partition, split, summary
 
 from lora_jax import distributed, hf, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
 
@@ -11,14 +13,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterSpec",
+    "Layout",
     "LoRAConfig",
     "LoRADense",
     "LoRADenseGeneral",
     "LoRAEinsum",
+    "PathRule",
     "combine",
     "count",
     "init_adapters",
     "inject",
+    "layouts",
     "merge",
     "optimizer",
     "partition",

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
-from lora_jax.layout import read_layout
+from lora_jax.layout import Layout, find_layout
 from lora_jax.tree import leaf_paths, merge, split
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def save_adapter(directory, params: Mapping, config: LoRAConfig, *, overwrite: b
   return path
 
 
-def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = None
-                 ) -> tuple[dict, LoRAConfig]:
+def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = None,
+                 layouts: Mapping[str, Layout] | None = None) -> tuple[dict, LoRAConfig]:
   """Reads an adapter checkpoint.
 
   Args:
@@ -97,6 +97,8 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
       each adapter is checked against its kernel there. Params that hold
       adapters already (another run's, say) define what fits themselves:
       the same adapter leaves with the same shapes.
+    layouts: every adapter's layout by layer path (`lora_jax.layouts`), to
+      check against `target`'s kernels; without it each is read from shapes.
     shardings: a tree of shardings for the adapters (e.g.
       `TrainStep.adapter_shardings`): each host reads only its shards.
 
@@ -119,11 +121,12 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
   config = LoRAConfig.from_dict(restored["lora_config"])
   adapters = restored["adapters"]
   if target is not None:
-    check_fits(adapters, nn.unbox(target), config)
+    check_fits(adapters, nn.unbox(target), config, layouts)
   return adapters, config
 
 
-def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
+def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig,
+               layouts: Mapping[str, Layout] | None = None) -> None:
   """Raises `ValueError` naming the first adapter path that does not fit `base`.
 
   `base` may be the plain model's params, the base side of `split(params,
@@ -154,9 +157,12 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig) -> None:
         if "kernel" not in base_tree:
           raise ValueError(f"adapter '{path}' has no kernel beside it in the base params")
         kernel = base_tree["kernel"].shape
+        if layouts is not None and prefix not in layouts:
+          raise ValueError(f"the layouts hold no record of layer '{prefix}'")
         try:
-          read_layout(kernel, tree["lora_a"].shape, tree["lora_b"].shape,
-                      tree["lora_magnitude"].shape if "lora_magnitude" in tree else None)
+          find_layout(kernel, tree["lora_a"].shape, tree["lora_b"].shape,
+                      tree["lora_magnitude"].shape if "lora_magnitude" in tree else None,
+                      None if layouts is None else layouts[prefix])
         except (KeyError, ValueError) as e:
           raise ValueError(f"adapter '{path}' does not fit kernel {kernel}: {e}") from None
         rank = tree["lora_a"].shape[-1]

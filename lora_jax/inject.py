@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, unmatched_error
-from lora_jax.layers import _Adapted, add_adapter
-from lora_jax.layout import dense_contraction, dense_general_contraction, einsum_contraction
+from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, join_path, unmatched_error
+from lora_jax.layers import Recorded, _Adapted, add_adapter, recording_layouts
+from lora_jax.layout import (
+    Layout, dense_contraction, dense_general_contraction, einsum_contraction)
 from lora_jax.tree import combine, leaf_paths, split
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -253,6 +254,41 @@ def targets(model: nn.Module, config: LoRAConfig | None = None, *sample_args, **
     return list(survey.linear)
   _check_selection(config, survey, leaf_paths(nn.unbox(variables.get("params", {}))))
   return [p for p in survey.linear if config.selects(p)]
+
+
+def layouts(model: nn.Module, *sample_args, **sample_kwargs) -> dict[str, Layout]:
+  """Every adapter's `Layout`, by layer path, recorded by tracing `model.init`.
+
+  The record is exact whatever the shapes: each adapter param is boxed with
+  the layout its layer gives it, and flax tells the box where every lifted
+  transform (`nn.scan`, `nn.vmap`) inserts an axis. Pass it as `layouts=` to
+  `merge`, `sharding.param_shardings` or `checkpoint.load_adapter` where the
+  shapes alone could be read two ways. Traced abstractly: no memory is used.
+
+  Args:
+    model: an injected model (or one built from LoRA layers).
+    *sample_args: arguments for one call of the model (shapes are what count).
+    **sample_kwargs: keyword arguments for that call.
+
+  Example:
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> from lora_jax import LoRAConfig
+    >>> mlp = inject(nn.Sequential([nn.Dense(4), nn.Dense(2)]), LoRAConfig(rank=2))
+    >>> print(layouts(mlp, jnp.ones((1, 3)))['layers_1'])
+    kernel bc: A bd, B dc, magnitude c (rank d)
+  """
+  with recording_layouts():
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_args,
+                                                  **sample_kwargs))
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      variables.get("params", {}), is_leaf=lambda x: isinstance(x, Recorded)):
+    if isinstance(leaf, Recorded):
+      found[join_path(path).rsplit("/", 1)[0] if len(path) > 1 else ""] = leaf.layout
+  if not found:
+    raise ValueError("the model created no adapters: inject(model, config) first, or use "
+                     "LoRA layers")
+  return found
 
 
 def init_adapters(model: nn.Module, base_params: Mapping, rng: jax.Array, *sample_args,

@@ -7,13 +7,17 @@ computes the update, `merged_kernel` folds them into the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+import threading
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from lora_jax.config import AdapterSpec
 from lora_jax.layout import (
@@ -72,15 +76,57 @@ def _init_a(spec: AdapterSpec, fan_in: int):
 
 
 def _annotated(init, raw_kernel: Any, layout: Layout, which: str):
-  """`init` with partitioning names derived from the kernel's, if it has any.
+  """`init` with partitioning names derived from the kernel's, if it has any,
+  and its layout recorded while `recording_layouts` is on.
 
   Adapters must shard with their kernel: left unannotated they would be
   silently replicated on every device.
   """
-  if not isinstance(raw_kernel, nn.Partitioned):
-    return init
-  names = layout.axis_names(which, raw_kernel.names)
-  return lambda *args: raw_kernel.replace(value=init(*args), names=names)
+  if isinstance(raw_kernel, nn.Partitioned):
+    names = layout.axis_names(which, raw_kernel.names)
+    init = functools.partial(lambda f, *args: raw_kernel.replace(value=f(*args), names=names), init)
+  if getattr(_recording, "on", False):
+    init = functools.partial(lambda f, *args: Recorded(f(*args), layout), init)
+  return init
+
+
+class Recorded(struct.PyTreeNode, nn.meta.AxisMetadata):
+  """An adapter param with its layout, as `lora_jax.layouts` traces a model.
+
+  Flax's lifted transforms tell every box where they insert an axis, so the
+  layout it ends with is exact, whatever the shapes.
+  """
+
+  value: Any
+  layout: Layout = struct.field(pytree_node=False)
+
+  def unbox(self) -> Any:
+    return self.value
+
+  def replace_boxed(self, val: Any) -> Recorded:
+    return self.replace(value=val)
+
+  def add_axis(self, index: int, params: dict[Any, Any]) -> Recorded:
+    return self.replace(value=nn.meta.add_axis(self.value, index, params),
+                        layout=self.layout.add_axis(index))
+
+  def remove_axis(self, index: int, params: dict[Any, Any]) -> Recorded:
+    return self.replace(value=nn.meta.remove_axis(self.value, index, params),
+                        layout=self.layout.remove_axis(index))
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_layouts():
+  """Within it, `add_adapter` boxes every adapter param in a `Recorded`."""
+  previous = getattr(_recording, "on", False)
+  _recording.on = True
+  try:
+    yield
+  finally:
+    _recording.on = previous
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool | None) -> jax.Array | None:

@@ -19,10 +19,12 @@ size 1 where the axis is not theirs, and the rank last: `A: (1, D, 1, r)`,
 Lifted transforms (`nn.scan`, `nn.vmap` with `variable_axes`) then insert an
 axis at the same index of every param of the layer; `Layout.add_axis` follows
 them exactly. A `Layout` names each stored axis of A, B and the DoRA magnitude
-by the kernel axis it spans, so merging, sharding and checking an adapter never
-depend on how its arrays happen to be shaped. Where no record is at hand,
-`read_layout` finds the layouts that fit the shapes of a layer's arrays and
-refuses, naming them, when two of them would compute different things.
+by the kernel axis it spans. `lora_jax.layouts(model, ...)` records every
+adapter's layout by tracing the model (flax tells each param where its lifted
+transforms insert axes), and `merge`, `param_shardings` and `load_adapter`
+take that record. Without one, `read_layout` finds the layouts that fit the
+shapes of a layer's arrays and refuses, naming them, when two of them would
+compute different things.
 """
 
 from __future__ import annotations
@@ -117,6 +119,21 @@ class Layout:
     insert = lambda s: s[:index] + new + s[index:]
     return Layout(insert(self.kernel), self.contract, self.rank, insert(self.a),
                   insert(self.b), insert(self.m))
+
+  def remove_axis(self, index: int) -> Layout:
+    """The inverse of `add_axis`."""
+    drop = lambda s: s[:index] + s[index + 1:]
+    return Layout(drop(self.kernel), self.contract, self.rank, drop(self.a), drop(self.b),
+                  drop(self.m))
+
+  def check_fits(self, kernel_shape, a_shape, b_shape, m_shape=None) -> None:
+    """Raises `ValueError` unless arrays of these shapes are stored in this layout."""
+    rank = a_shape[self.a.index(self.rank)] if len(a_shape) == len(self.a) else 0
+    expected = self.shapes(kernel_shape, rank) if len(kernel_shape) == len(self.kernel) else None
+    got = (tuple(a_shape), tuple(b_shape), None if m_shape is None else tuple(m_shape))
+    if expected is None or expected[:2] != got[:2] or got[2] not in (None, expected[2]):
+      raise ValueError(f"lora_a {got[0]}, lora_b {got[1]} and kernel {tuple(kernel_shape)} are "
+                       f"not stored as the recorded layout says ({self})")
 
   def stored_axes(self, which: str) -> tuple[str | None, ...]:
     """The kernel letter (or rank) of each stored axis of `'a'`, `'b'` or `'m'`;
@@ -224,6 +241,15 @@ def read_layout(kernel_shape, a_shape, b_shape, m_shape=None) -> Layout:
         "and the rank last; plus axes that nn.scan/nn.vmap inserted)")
   raise ValueError(f"{what} fit kernel {shapes[0]} in {len(found)} layouts that compute "
                    f"different things: {'; '.join(map(str, found.values()))}")
+
+
+def find_layout(kernel_shape, a_shape, b_shape, m_shape=None, record: Layout | None = None
+                ) -> Layout:
+  """The recorded layout, checked against the shapes; without a record, `read_layout`."""
+  if record is None:
+    return read_layout(kernel_shape, a_shape, b_shape, m_shape)
+  record.check_fits(kernel_shape, a_shape, b_shape, m_shape)
+  return record
 
 
 @functools.lru_cache(maxsize=4096)

@@ -31,6 +31,7 @@ from lora_jax import checkpoint, data, distributed, sharding, train
 from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.models.llama import Llama, LlamaConfig, config_for, generate
+from lora_jax.optim import optimizer
 from lora_jax.recipe import ModelSection, RunConfig
 from lora_jax.tree import combine, count, merge
 
@@ -113,12 +114,18 @@ def load_base(section: ModelSection, sample_ids: jax.Array, shardings: Any = Non
   return model, ocp.StandardCheckpointer().restore(path, target)
 
 
-def _optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+def _optimizer(cfg: RunConfig, params: Any, config: LoRAConfig) -> optax.GradientTransformation:
+  """AdamW on a warm-up + cosine schedule, with LoRA+ when `train.lora_plus_ratio` is set."""
   t = cfg.train
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
       end_value=t.learning_rate * t.final_lr_fraction)
-  return optax.adamw(schedule, weight_decay=t.weight_decay)
+  tx = optax.adamw(schedule, weight_decay=t.weight_decay)
+  if t.lora_plus_ratio is None:
+    # The bare transformation: the optimizer state (and so checkpoints) of runs
+    # without LoRA+ keep the layout they always had.
+    return tx
+  return optimizer(tx, params, config, lora_plus_ratio=t.lora_plus_ratio)
 
 
 def _datasets(cfg: RunConfig, tokenizer) -> tuple[dict, dict]:
@@ -141,9 +148,14 @@ def _check_run_dir(out: Path, cfg: RunConfig) -> None:
   saved = out / "run_config.yaml"
   if saved.exists():
     previous = RunConfig.from_dict(yaml.safe_load(saved.read_text()))
-    if previous.lora != cfg.lora or previous.model != cfg.model or previous.data != cfg.data:
+    # With or without LoRA+ the optimizer state differs in layout, so the
+    # checkpoints of one cannot resume the other.
+    lora_plus = lambda c: c.train.lora_plus_ratio is not None
+    if (previous.lora != cfg.lora or previous.model != cfg.model or previous.data != cfg.data
+        or lora_plus(previous) != lora_plus(cfg)):
       raise ValueError(f"{out} holds a different run's checkpoints (its run_config.yaml "
-                       "differs in model, lora or data); choose another output_dir")
+                       "differs in model, lora, data or whether train.lora_plus_ratio is "
+                       "set); choose another output_dir")
   elif out.exists() and any(out.iterdir()):
     raise ValueError(f"{out} is not empty and holds no lora-jax run; choose another output_dir")
   out.mkdir(parents=True, exist_ok=True)
@@ -165,20 +177,21 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
                      f"({shards}) x train.accum_steps ({t.accum_steps})")
   tokenizer = data.ByteTokenizer()
   train_rows, eval_rows = _datasets(cfg, tokenizer)
-  out = Path(cfg.output_dir).resolve()
-  _check_run_dir(out, cfg)
 
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
   llama = Llama(llama_config(cfg.model))
   config = LoRAConfig(trainable=(".*",)) if full else cfg.lora
   model = llama if full else inject(llama, config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
+  tx = _optimizer(cfg, nn.unbox(abstract), config)
+  out = Path(cfg.output_dir).resolve()
+  _check_run_dir(out, cfg)
   plain_shardings = sharding.param_shardings(
       jax.eval_shape(llama.init, jax.random.key(0), sample)["params"], mesh)
   _, base_params = load_base(cfg.model, sample, plain_shardings)
   params = base_params if full else init_adapters(
       model, base_params, jax.random.key(t.seed), sample)
-  step = train.make_train_step(train.causal_lm_loss(model), _optimizer(cfg), mesh, abstract,
+  step = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract,
                                config, accum_steps=t.accum_steps)
   adapters, opt_state, base = step.place(params)
   n = count(params, config)

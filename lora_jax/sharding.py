@@ -25,7 +25,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.config import ADAPTER_LEAVES
-from lora_jax.layout import read_layout
+from lora_jax.layout import Layout, find_layout
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
@@ -114,8 +114,8 @@ def _check_divisible(path: str, shape, spec: tuple, mesh: Mesh) -> None:
           f"{dict(mesh.shape)}: {dim} does not divide by {parts}. Change the mesh or the rules.")
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-                    ) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                    *, layouts: Mapping[str, Layout] | None = None) -> Any:
   """`NamedSharding`s for every leaf of a param tree.
 
   Args:
@@ -125,6 +125,8 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
       replicated; adapters follow their kernel whatever their own names.
     mesh: the device mesh.
     rules: ordered (logical axis, mesh axes) pairs.
+    layouts: every adapter's layout by layer path (`lora_jax.layouts`);
+      without it each is read from the shapes.
 
   Returns:
     A tree of `NamedSharding` with the structure of `nn.unbox(params)`.
@@ -149,7 +151,7 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
         out[key] = _spec_tuple(spec, len(nn.meta.unbox(value).shape))
     for key in ADAPTER_LEAVES:  # after the kernel, whose spec they copy
       if key in tree:
-        out[key] = _adapter_spec(tree, key, out, prefix)
+        out[key] = _adapter_spec(tree, key, out, prefix, layouts)
     return out
 
   if not isinstance(params, Mapping):
@@ -166,14 +168,18 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
                                           is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _adapter_spec(layer: Mapping, key: str, specs: Mapping, prefix: str) -> tuple:
+def _adapter_spec(layer: Mapping, key: str, specs: Mapping, prefix: str,
+                  layouts: Mapping[str, Layout] | None) -> tuple:
   """A `lora_*` leaf's spec from its kernel's: its kernel axes keep their mesh axes."""
   shape = lambda k: nn.meta.unbox(layer[k]).shape
   if not all(k in layer for k in ("kernel", "lora_a", "lora_b")):
     raise ValueError(f"'{prefix}' holds {key} without a kernel, lora_a and lora_b")
+  if layouts is not None and prefix not in layouts:
+    raise ValueError(f"the layouts hold no record of layer '{prefix}'")
   try:
-    layout = read_layout(shape("kernel"), shape("lora_a"), shape("lora_b"),
-                         shape("lora_magnitude") if "lora_magnitude" in layer else None)
+    layout = find_layout(shape("kernel"), shape("lora_a"), shape("lora_b"),
+                         shape("lora_magnitude") if "lora_magnitude" in layer else None,
+                         None if layouts is None else layouts[prefix])
   except ValueError as e:
     raise ValueError(f"'{prefix}': {e}") from None
   mesh_axes = dict(zip(layout.kernel, specs["kernel"]))

@@ -15,10 +15,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path, unmatched_error
 from lora_jax.layers import merged_kernel
+from lora_jax.layout import Layout, find_layout
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
 
@@ -49,63 +49,14 @@ def partition(params: Any, config: LoRAConfig | None = None) -> Any:
   return jax.tree_util.tree_map_with_path(lambda kp, _: _label(join_path(kp), config), params)
 
 
-def optimizer(
-    tx: optax.GradientTransformation,
-    params: Any,
-    config: LoRAConfig | None = None,
-    lora_plus_ratio: float | None = None,
-) -> optax.GradientTransformation:
-  """`tx` for the adapters (and `trainable` params), zero updates elsewhere.
-
-  Frozen leaves get `optax.set_to_zero()` and so no optimizer state.
-
-  Args:
-    tx: the optimizer for the trained leaves, e.g. `optax.adamw(1e-4)`.
-    params: the param tree the optimizer will see; it must hold adapters.
-    config: gives the `trainable` rules.
-    lora_plus_ratio: LoRA+ (Hayou et al. 2024): B's learning rate is this many
-      times A's (the paper suggests 16). Done by scaling B's updates, which for
-      Adam-family optimizers (decoupled weight decay included) is the same.
-
-  Returns:
-    An `optax.partition` transformation.
-  """
-  labels = jax.tree.leaves(partition(params, config))
-  check_trainable_rules(params, config)
-  if LORA not in labels and TRAINABLE not in labels:
-    raise ValueError(
-        "params hold no adapter leaves (lora_a/lora_b/lora_magnitude) and no trainable "
-        "leaves: the optimizer would train nothing. Initialise a LoRA model (or inject "
-        "LoRA) before building the optimizer.")
-  if lora_plus_ratio is not None and not (
-      isinstance(lora_plus_ratio, (int, float)) and math.isfinite(lora_plus_ratio)
-      and lora_plus_ratio > 0):
-    raise ValueError(f"lora_plus_ratio={lora_plus_ratio!r}: must be a finite number > 0")
-
-  def group(path: str) -> str:
-    label = _label(path, config)
-    if lora_plus_ratio is not None and path.rsplit("/", 1)[-1] == "lora_b":
-      return "lora_b"
-    return label
-
-  transforms = {LORA: tx, TRAINABLE: tx, FROZEN: optax.set_to_zero()}
-  if lora_plus_ratio is not None:
-    transforms["lora_b"] = optax.chain(tx, optax.scale(float(lora_plus_ratio)))
-  return optax.partition(
-      transforms, lambda tree: jax.tree_util.tree_map_with_path(
-          lambda kp, _: group(join_path(kp)), tree))
-
-
 def check_trainable_rules(params: Any, config: LoRAConfig | None) -> None:
   """Raises `ValueError` for a `trainable` rule that matches no param (a typo trains nothing)."""
   if config is None or not config.trainable:
     return
   paths = leaf_paths(params)
-  used = {config.trainable_rule(p) for p in paths}
-  unused = [rule for rule in config.trainable if rule not in used]
+  unused = [rule for rule in config.unmatched_rules((), paths) if rule.field == "trainable"]
   if unused:
-    raise ValueError(f"trainable rule {unused[0]!r} matches no param; params are named "
-                     f"like {', '.join(paths[:4])}")
+    raise unmatched_error(unused[0], [], paths)
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -207,7 +158,8 @@ def summary(params: Any, config: LoRAConfig | None = None) -> None:
   print(f"trainable params: {trained:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
 
-def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool = False) -> dict:
+def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool = False,
+          layouts: Mapping[str, Layout] | None = None) -> dict:
   """Folds every adapter into its kernel; returns the base model's tree.
 
   `W' = W + scale * A @ B`, accumulated in float32 and cast once; DoRA:
@@ -226,6 +178,9 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
       kernel keeps its own dtype).
     safe: raise `ValueError` naming the layer when a merged kernel is not
       finite (needs concrete arrays, not tracers).
+    layouts: every adapter's layout by layer path, from
+      `lora_jax.layouts(model, ...)`; without it each is read from the shapes
+      (see `lora_jax.layout.read_layout`).
 
   Raises:
     ValueError: when `params` hold no adapter, when an adapter's rank or DoRA
@@ -264,8 +219,13 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
       raise ValueError(
           f"merge: layer '{path}' {'has' if magnitude is not None else 'lacks'} a DoRA "
           f"magnitude but the config has use_dora={config.use_dora}")
+    if layouts is not None and path not in layouts:
+      raise ValueError(f"merge: the layouts hold no record of layer '{path}'")
     try:
-      w = _merged_kernel(kernel, a, b, config.scale(path), magnitude)
+      layout = find_layout(kernel.shape, a.shape, b.shape,
+                           None if magnitude is None else magnitude.shape,
+                           None if layouts is None else layouts[path])
+      w = _merged_kernel(kernel, a, b, config.scale(path), magnitude, layout)
     except ValueError as e:
       raise ValueError(f"merge: layer '{path}': {e}") from None
     if safe:
@@ -291,7 +251,7 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
 # One compiled program a layer: called eagerly, `merge` then holds one layer's
 # A @ B at a time (a whole-tree jit lets XLA:CPU compute every product before
 # the first add); inside a caller's jit it is inlined as before.
-_merged_kernel = jax.jit(merged_kernel, static_argnums=3)
+_merged_kernel = jax.jit(merged_kernel, static_argnums=(3, 5))
 
 
 def _rebox(original: Any, value: jax.Array) -> Any:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax.layout import (
@@ -102,3 +103,64 @@ def test_layout_is_hashable_and_readable():
   layout = Layout("ab", "a", "c", "ac", "cb", "b")
   assert hash(layout) == hash(Layout("ab", "a", "c", "ac", "cb", "b"))
   assert str(layout) == "kernel ab: A ac, B cb, magnitude b (rank c)"
+
+
+def test_a_recorded_layout_merges_what_shapes_cannot_tell():
+  """Every size 4: the shapes also read as a batched DenseGeneral; the record is exact."""
+  class Square(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True},
+                     length=4)(nn.Dense, name="layers")(x, None)[0]
+
+  class Block(nn.Module):
+    dense: type = nn.Dense
+
+    @nn.compact
+    def __call__(self, x, _):
+      return jnp.tanh(self.dense(4, name="proj")(x)), None
+
+  x = jax.random.normal(jax.random.key(0), (2, 4))
+  config = lj.LoRAConfig(rank=4, use_dora=True)
+  model = lj.inject(Square(), config)
+  params = _perturb(model.init(jax.random.key(1), x)["params"])
+  with pytest.raises(ValueError, match="merge: layer 'layers/proj': .* layouts that compute "
+                     "different things"):
+    lj.merge(params, config)
+  record = lj.layouts(model, x)
+  assert record["layers/proj"].shapes((4, 4, 4), 4) == ((4, 4, 4), (4, 4, 4), (4, 4))
+  merged = lj.merge(params, config, layouts=record)
+  np.testing.assert_allclose(Square().apply({"params": merged}, x),
+                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="not stored as the recorded layout says"):
+    lj.merge(params, config, layouts={"layers/proj": layout_of(dense_contraction(2))})
+  with pytest.raises(ValueError, match="the layouts hold no record of layer 'layers/proj'"):
+    lj.merge(params, config, layouts={})
+
+
+def test_recorded_layouts_shard_adapters_like_their_kernels():
+  """Annotated kernels, layer axis 1: the record and the names agree."""
+  class Annotated(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return jnp.tanh(nn.Dense(8, kernel_init=init, name="proj")(x)), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Annotated, variable_axes={"params": 1}, split_rngs={"params": True},
+                     length=2, metadata_params={nn.PARTITION_NAME: "layers"})(name="layers")(
+                         x, None)[0]
+
+  x = jnp.ones((2, 8))
+  model = lj.inject(Model(), lj.LoRAConfig(rank=2, use_dora=True))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  mesh = lj.sharding.make_mesh(data=1, fsdp=4, tensor=2)
+  read = lj.sharding.param_shardings(abstract, mesh)
+  recorded = lj.sharding.param_shardings(abstract, mesh, layouts=lj.layouts(model, x))
+  specs = jax.tree.map(lambda s: s.spec, recorded["layers"]["proj"])
+  assert specs == jax.tree.map(lambda s: s.spec, read["layers"]["proj"])
+  assert specs["kernel"] == P("fsdp", None, "tensor")
+  assert specs["lora_a"] == P("fsdp", None, None) and specs["lora_b"] == P(None, None, "tensor")
+  assert specs["lora_magnitude"] == P("tensor", None)

@@ -1,10 +1,9 @@
-"""Param-tree functions: partition, optimizer, split/combine, count, merge."""
+"""Param-tree functions: partition, split/combine, count, merge."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lora_jax as lj
@@ -90,71 +89,6 @@ def test_count_and_summary(params, capsys):
   assert capsys.readouterr().out == (
       f"trainable params: {n['lora']:,d} || all params: {total:,d} || "
       f"trainable%: {100 * n['lora'] / total:.4f}\n")
-
-
-def test_optimizer_trains_only_adapters():
-  """50 AdamW steps: frozen leaves bit-identical, every adapter leaf moved, loss down."""
-  model = MLP()
-  x = jax.random.normal(jax.random.key(1), (64, 8))
-  y = jnp.sin(x.sum(-1, keepdims=True))
-  params = model.init(jax.random.key(0), x)["params"]
-  tx = lj.optimizer(optax.adamw(1e-2), params)
-  state = tx.init(params)
-  # No optimizer state for frozen leaves: Adam moments exist for adapters only.
-  n_state = sum(l.size for l in jax.tree.leaves(state) if jnp.ndim(l) > 0)
-  assert n_state == 2 * lj.count(params)["lora"]
-
-  def loss_fn(p):
-    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-
-  @jax.jit
-  def step(p, s):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  new, losses = params, []
-  for _ in range(50):
-    new, state, loss = step(new, state)
-    losses.append(float(loss))
-  assert losses[-1] < 0.7 * losses[0]
-  labels = lj.partition(params)
-  for label, old, now in zip(jax.tree.leaves(labels), jax.tree.leaves(params),
-                             jax.tree.leaves(new)):
-    if label == "frozen":
-      np.testing.assert_array_equal(np.asarray(now).view(np.uint32),
-                                    np.asarray(old).view(np.uint32))
-    else:
-      assert not np.array_equal(now, old)
-
-
-def test_optimizer_trains_trainable_params_too(params):
-  config = lj.LoRAConfig(trainable=["head"])
-  tx = lj.optimizer(optax.sgd(1.0), params, config)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  assert float(updates["head"]["kernel"][0, 0]) == -1.0
-  assert float(updates["hidden_0"]["lora_a"][0, 0]) == -1.0
-  assert not np.any(updates["hidden_0"]["kernel"]) and not np.any(updates["norm"]["scale"])
-
-
-def test_lora_plus_scales_b_learning_rate(params):
-  grads = jax.tree.map(jnp.ones_like, params)
-  tx = lj.optimizer(optax.adam(0.1), params, lora_plus_ratio=16)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  plain = lj.optimizer(optax.adam(0.1), params)
-  ref, _ = plain.update(grads, plain.init(params), params)
-  np.testing.assert_allclose(updates["hidden_0"]["lora_b"], 16 * ref["hidden_0"]["lora_b"],
-                             rtol=1e-6)
-  np.testing.assert_array_equal(updates["hidden_0"]["lora_a"], ref["hidden_0"]["lora_a"])
-  with pytest.raises(ValueError, match="lora_plus_ratio=0"):
-    lj.optimizer(optax.adam(0.1), params, lora_plus_ratio=0)
-
-
-def test_optimizer_refuses_params_without_adapters():
-  plain = MLP(dense=nn.Dense).init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-  with pytest.raises(ValueError, match="no adapter leaves.*train nothing"):
-    lj.optimizer(optax.adam(1e-3), plain)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -260,20 +194,6 @@ def test_functions_work_on_variables_and_boxed_trees():
   assert merged["params"]["proj"]["kernel"].names == ("embed", "mlp")
   plain = nn.Dense(6).apply({"params": nn.unbox(merged["params"]["proj"])}, x)
   np.testing.assert_allclose(plain, Boxed().apply(variables, x), rtol=1e-5)
-
-
-def test_optimizer_refuses_trainable_rule_matching_nothing(params):
-  with pytest.raises(ValueError, match="trainable rule 'classifer' matches no param"):
-    lj.optimizer(optax.adam(1e-3), params, lj.LoRAConfig(trainable=["classifer"]))
-
-
-def test_lora_plus_only_for_leaves_named_lora_b():
-  tree = {"layer": {"kernel": jnp.ones((2, 2)), "lora_a": jnp.ones((2, 1)),
-                    "lora_b": jnp.ones((1, 2))}, "x_lora_b": jnp.ones((2,))}
-  tx = lj.optimizer(optax.sgd(1.0), tree, lora_plus_ratio=4.0)
-  updates, _ = tx.update(jax.tree.map(jnp.ones_like, tree), tx.init(tree), tree)
-  assert not np.any(updates["x_lora_b"])  # frozen, whatever its name ends with
-  np.testing.assert_array_equal(updates["layer"]["lora_b"], -4.0)
 
 
 def test_combine_returns_plain_dicts_for_frozen_dicts(params):
