@@ -44,8 +44,10 @@ def optimizer(
   rate by multiplying their updates after `tx`. For every optax optimizer whose
   update is proportional to its learning rate (SGD, Adam, AdamW with its
   decoupled weight decay, Lion, ...) that equals running them at the larger
-  rate; it also keeps one `tx`, so a clipped global norm is the norm of the
-  unscaled updates. As PEFT's `create_loraplus_optimizer`, the B-group is:
+  rate. Clipping and finiteness checks inside `tx` see the gradients of all
+  trained leaves before any scaling, as they would in one optimizer with a
+  learning rate per group. As PEFT's `create_loraplus_optimizer`, the
+  B-group is:
 
   * every `lora_b`;
   * every DoRA `lora_magnitude` (a vector, or a matrix stacked by `nn.scan`);

@@ -75,7 +75,8 @@ class TrainSection:
     warmup_steps: linear warm-up, then cosine decay to `final_lr_fraction`.
     final_lr_fraction: where the cosine ends, as a share of the peak.
     weight_decay: AdamW's decoupled weight decay.
-    lora_plus_ratio: LoRA+ (B's learning rate multiplier), or None.
+    lora_plus_ratio: LoRA+: the B-group's learning rate over A's (see
+      `lora_jax.optimizer`), or None.
     accum_steps: gradient accumulation micro-batches.
     eval_every: steps between evaluations (0: only before and after).
     eval_batches: batches per evaluation.
