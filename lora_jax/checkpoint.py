@@ -160,12 +160,12 @@ def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig,
         if layouts is not None and prefix not in layouts:
           raise ValueError(f"the layouts hold no record of layer '{prefix}'")
         try:
-          find_layout(kernel, tree["lora_a"].shape, tree["lora_b"].shape,
-                      tree["lora_magnitude"].shape if "lora_magnitude" in tree else None,
-                      None if layouts is None else layouts[prefix])
+          layout = find_layout(kernel, tree["lora_a"].shape, tree["lora_b"].shape,
+                               tree["lora_magnitude"].shape if "lora_magnitude" in tree else None,
+                               None if layouts is None else layouts[prefix])
         except (KeyError, ValueError) as e:
           raise ValueError(f"adapter '{path}' does not fit kernel {kernel}: {e}") from None
-        rank = tree["lora_a"].shape[-1]
+        rank = layout.rank_of(tree["lora_a"].shape)
         if rank != config.rank_for(prefix):
           raise ValueError(f"adapter '{path}' has rank {rank}, its config gives "
                            f"{config.rank_for(prefix)}")

@@ -18,7 +18,7 @@ that one regex:
   `'layers_1/.*'`, `'v_proj'`.
 
 For patterns the first matching entry wins; a key may appear only once. A
-rule that matches nothing in the model is an error (`check_rules`), whatever
+rule that matches nothing in the model is an error (`unmatched_rules`), whatever
 its kind: it is almost always a typo that would silently train something else.
 """
 
@@ -320,37 +320,31 @@ class LoRAConfig:
     """Whether a non-adapter param (e.g. `classifier/kernel`) trains fully."""
     return self.trainable_rule(param_path) is not None
 
-  def unmatched_rules(self, layers: Iterable[str], params: Iterable[str] | None = None
-                      ) -> list[PathRule]:
+  def unmatched_rules(self, layers: Iterable[str] | None = None,
+                      params: Iterable[str] | None = None) -> list[PathRule]:
     """The rules that match nothing in a model, in field order.
 
     A `targets` or `exclude` rule must match one of the model's linear layers;
     a `rank_pattern`/`alpha_pattern` key one of the layers the config selects
-    (elsewhere it has no effect); a `trainable` rule one of `params` (checked
-    only when they are given).
+    (elsewhere it has no effect); a `trainable` rule one of `params` or a
+    module above one. Each is checked only when what it must match is given.
 
     Args:
       layers: module paths of the model's linear layers.
       params: param paths of the model.
     """
-    layers = list(layers)
-    selected = [p for p in layers if self.selects(p)]
-    unmatched = [rule for field in ("targets", "exclude") for rule in self.rules(field)
-                 if not any(map(rule.matches, layers))]
-    unmatched += [rule for field in ("rank_pattern", "alpha_pattern")
-                  for rule in self.rules(field) if not any(map(rule.matches, selected))]
+    unmatched = []
+    if layers is not None:
+      layers = list(layers)
+      selected = [p for p in layers if self.selects(p)]
+      unmatched += [rule for field in ("targets", "exclude") for rule in self.rules(field)
+                    if not any(map(rule.matches, layers))]
+      unmatched += [rule for field in ("rank_pattern", "alpha_pattern")
+                    for rule in self.rules(field) if not any(map(rule.matches, selected))]
     if params is not None:
-      used = {self.trainable_rule(p) for p in params}
-      unmatched += [rule for rule in self.rules("trainable") if rule.text not in used]
+      modules = {"/".join(p.split("/")[:i]) for p in params for i in range(1, p.count("/") + 2)}
+      unmatched += [rule for rule in self.rules("trainable") if not any(map(rule.matches, modules))]
     return unmatched
-
-  def check_rules(self, layers: Iterable[str], params: Iterable[str] | None = None) -> None:
-    """Raises `ValueError` naming the first rule that matches nothing (`unmatched_rules`)."""
-    layers = list(layers)
-    params = None if params is None else list(params)
-    unmatched = self.unmatched_rules(layers, params)
-    if unmatched:
-      raise unmatched_error(unmatched[0], layers, params)
 
   # --- serialisation --------------------------------------------------------
 
@@ -392,13 +386,17 @@ class LoRAConfig:
     return cls.from_dict(yaml.safe_load(text) or {})
 
 
-def unmatched_error(rule: PathRule, layers: list[str], params: list[str] | None) -> ValueError:
+def unmatched_error(rule: PathRule, layers: list[str], params: list[str] | None,
+                    config: LoRAConfig | None = None) -> ValueError:
   """The error for a rule that matches nothing, listing what it could have matched."""
   if rule.field == "trainable":
     shown = ", ".join(params[:6]) + (", ..." if len(params) > 6 else "")
     return ValueError(f"{rule} matches no param; params of this model: {shown}")
-  what = "no layer the config selects" if rule.field.endswith("_pattern") else "no linear layer"
-  return ValueError(f"{rule} matches {what}; linear layers of this model: "
+  if rule.field.endswith("_pattern") and config is not None:
+    selected = [p for p in layers if config.selects(p)]
+    return ValueError(f"{rule} matches no layer the config selects; it selects: "
+                      f"{describe_paths(selected)}")
+  return ValueError(f"{rule} matches no linear layer; linear layers of this model: "
                     f"{describe_paths(layers)}")
 
 

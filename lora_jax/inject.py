@@ -48,7 +48,6 @@ class _Survey:
       heads: `lm_head.apply({'params': {'kernel': embedding.T}}, h)`): not
       layers of the model, so never adapted.
     other: every other module.
-    adapted: the layers that got an adapter.
   """
 
   top: nn.Module | None = None
@@ -56,7 +55,6 @@ class _Survey:
   custom: dict[str, str] = dataclasses.field(default_factory=dict)
   detached: dict[str, str] = dataclasses.field(default_factory=dict)
   other: dict[str, str] = dataclasses.field(default_factory=dict)
-  adapted: dict[str, None] = dataclasses.field(default_factory=dict)
 
 
 def _call_input(args, kwargs, index: int, name: str):
@@ -102,14 +100,13 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
     outputs = next_fun(*args, **kwargs)
     if config is None or not config.selects(path):
       return outputs
-    survey.adapted.setdefault(path)
     inputs, contraction = _contraction(module, args, kwargs)
     return add_adapter(module, config.adapter_for(path), contraction, inputs, outputs)
 
   return intercept
 
 
-def _check_selection(config: LoRAConfig, survey: _Survey, params=None) -> None:
+def _check_selection(config: LoRAConfig, survey: _Survey, params: list[str]) -> None:
   """Raises `ValueError` when the config selects nothing, names a module it cannot
   adapt, or holds a rule that matches nothing."""
   if not survey.linear:
@@ -117,17 +114,23 @@ def _check_selection(config: LoRAConfig, survey: _Survey, params=None) -> None:
                      "there is nothing LoRA can adapt")
   candidates = f"linear layers of this model: {describe_paths(survey.linear)}"
   custom = [p for p in survey.custom if p not in survey.linear]
-  explicit = config.rules("targets")
+  names = isinstance(config.targets, tuple)  # a regex may sweep past such a layer
   for path in custom:
-    if any(rule.matches(path) for rule in explicit) and config.selects(path):
+    if config.selects(path) and (names or not any(map(config.selects, survey.linear))):
       raise ValueError(
           f"'{path}' is a {survey.custom[path]}: how it uses its kernel is unknown, so it "
           f"cannot get an adapter; exclude it. {candidates}")
+  # Excluding what is never adapted anyway (a tied head, a custom layer) is harmless.
+  excludable = custom + list(survey.detached)
   unmatched = [rule for rule in config.unmatched_rules(survey.linear, params)
-               if not (rule.field == "exclude" and any(map(rule.matches, custom)))]
-  if unmatched and unmatched[0].field == "targets":
-    rule = unmatched[0]
-    others = [f"'{p}' ({kind})" for p, kind in survey.other.items() if rule.matches(p)]
+               if not (rule.field == "exclude" and any(map(rule.matches, excludable)))]
+  if not unmatched:
+    if not any(map(config.selects, survey.linear)):
+      what = "'all-linear'" if config.targets == ALL_LINEAR else f"targets={config.targets!r}"
+      raise ValueError(f"{what} with exclude={config.exclude!r} selects no layer; {candidates}")
+    return
+  rule = unmatched[0]
+  if rule.field in ("targets", "exclude"):
     detached = [f"'{name}' ({kind})" for name, kind in survey.detached.items()
                 if rule.matches(name)]
     if detached:
@@ -135,14 +138,11 @@ def _check_selection(config: LoRAConfig, survey: _Survey, params=None) -> None:
           f"{rule} names {', '.join(detached[:3])}, which the model calls through .apply "
           "with explicit params (a head tied to the embedding, say): not a layer of the "
           f"model, so it cannot get an adapter; {candidates}")
+    others = [f"'{p}' ({kind})" for p, kind in survey.other.items() if rule.matches(p)]
     if others:
       raise ValueError(f"{rule} names {', '.join(others[:3])}, not a linear layer "
                        f"(nn.Dense/DenseGeneral/Einsum); {candidates}")
-  if unmatched:
-    raise unmatched_error(unmatched[0], list(survey.linear), params)
-  if not any(config.selects(p) for p in survey.linear):
-    what = "'all-linear'" if config.targets == ALL_LINEAR else f"targets={config.targets!r}"
-    raise ValueError(f"{what} with exclude={config.exclude!r} selects no layer; {candidates}")
+  raise unmatched_error(rule, list(survey.linear), params, config)
 
 
 _active = threading.local()  # the survey of the outermost injected call in progress
@@ -165,7 +165,10 @@ class _Injected:
     finally:
       _active.survey = None
     if self.scope is not None and self.is_mutable_collection("params"):  # creating params
-      _check_selection(self._lora_config, survey, leaf_paths(self.variables.get("params", {})))
+      # Full paths, as rules see them, also for a model injected inside another.
+      prefix = "".join(f"{name}/" for name in self.path)
+      params = [prefix + p for p in leaf_paths(self.variables.get("params", {}))]
+      _check_selection(self._lora_config, survey, params)
     return out
 
 

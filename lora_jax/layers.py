@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import threading
 from typing import Any
@@ -50,8 +49,9 @@ def _dora_gain(magnitude: jax.Array, norm: jax.Array) -> jax.Array:
   The magnitude starts as the kernel's norm in its own dtype; rounding the
   norm the same way keeps the gain exactly 1 at init for any `lora_dtype`.
   Where a column of W' is all zero its direction is undefined: the gain is 1
-  there, so the column acts as plain LoRA (and a zero column of the base stays
-  the base's zero at init, with finite gradients).
+  there, so a zero column of the base stays the base's zero at init with
+  finite gradients, and its B gets LoRA's gradient; its magnitude starts at 0
+  and learns the column's size once B has moved.
   """
   norm = norm.astype(magnitude.dtype).astype(jnp.float32)
   nonzero = norm > 0
@@ -82,12 +82,17 @@ def _annotated(init, raw_kernel: Any, layout: Layout, which: str):
   Adapters must shard with their kernel: left unannotated they would be
   silently replicated on every device.
   """
-  if isinstance(raw_kernel, nn.Partitioned):
-    names = layout.axis_names(which, raw_kernel.names)
-    init = functools.partial(lambda f, *args: raw_kernel.replace(value=f(*args), names=names), init)
-  if getattr(_recording, "on", False):
-    init = functools.partial(lambda f, *args: Recorded(f(*args), layout), init)
-  return init
+  record = getattr(_recording, "on", False)
+  names = (layout.axis_names(which, raw_kernel.names)
+           if isinstance(raw_kernel, nn.Partitioned) else None)
+
+  def boxed(*args):
+    value = init(*args)
+    if names is not None:
+      value = raw_kernel.replace(value=value, names=names)
+    return Recorded(value, layout) if record else value
+
+  return boxed
 
 
 class Recorded(struct.PyTreeNode, nn.meta.AxisMetadata):

@@ -114,21 +114,28 @@ class Layout:
     return "".join(c for c in self.kernel if c not in self.contract + self.shared)
 
   def add_axis(self, index: int) -> Layout:
-    """The layout after a lifted transform inserts an axis at `index` of every param."""
+    """The layout after a lifted transform inserts an axis at `index` of every
+    param (a negative index counts from the end of each, as `jnp.expand_dims`)."""
     new = next(c for c in string.ascii_letters if c not in self.kernel + self.rank)
-    insert = lambda s: s[:index] + new + s[index:]
+    at = lambda s: index if index >= 0 else len(s) + 1 + index
+    insert = lambda s: s[:at(s)] + new + s[at(s):]
     return Layout(insert(self.kernel), self.contract, self.rank, insert(self.a),
                   insert(self.b), insert(self.m))
 
   def remove_axis(self, index: int) -> Layout:
     """The inverse of `add_axis`."""
-    drop = lambda s: s[:index] + s[index + 1:]
+    at = lambda s: index if index >= 0 else len(s) + index
+    drop = lambda s: s[:at(s)] + s[at(s) + 1:]
     return Layout(drop(self.kernel), self.contract, self.rank, drop(self.a), drop(self.b),
                   drop(self.m))
 
+  def rank_of(self, a_shape) -> int:
+    """The rank of an adapter whose `lora_a` has this shape."""
+    return a_shape[self.a.index(self.rank)]
+
   def check_fits(self, kernel_shape, a_shape, b_shape, m_shape=None) -> None:
     """Raises `ValueError` unless arrays of these shapes are stored in this layout."""
-    rank = a_shape[self.a.index(self.rank)] if len(a_shape) == len(self.a) else 0
+    rank = self.rank_of(a_shape) if len(a_shape) == len(self.a) else 0
     expected = self.shapes(kernel_shape, rank) if len(kernel_shape) == len(self.kernel) else None
     got = (tuple(a_shape), tuple(b_shape), None if m_shape is None else tuple(m_shape))
     if expected is None or expected[:2] != got[:2] or got[2] not in (None, expected[2]):
@@ -240,7 +247,8 @@ def read_layout(kernel_shape, a_shape, b_shape, m_shape=None) -> Layout:
         "contracting + (r,), B: [shared] + (r,) + output, or both with every kernel axis "
         "and the rank last; plus axes that nn.scan/nn.vmap inserted)")
   raise ValueError(f"{what} fit kernel {shapes[0]} in {len(found)} layouts that compute "
-                   f"different things: {'; '.join(map(str, found.values()))}")
+                   f"different things: {'; '.join(map(str, found.values()))}. Pass the "
+                   "recorded ones: layouts=lora_jax.layouts(model, *sample_args)")
 
 
 def find_layout(kernel_shape, a_shape, b_shape, m_shape=None, record: Layout | None = None
@@ -257,14 +265,18 @@ def _readings(kernel, a, b, m) -> tuple[Layout, ...]:
   """Every layout that fits the shapes, lifted axes peeled off one at a time."""
   found = [layout for layout in (_compact_reading(kernel, a, b), _full_reading(kernel, a, b))
            if layout is not None]
-  for p in range(min(len(kernel), len(a), len(b))):  # an axis lifted at index p of every param
+  # An axis lifted at index p of every param, or at the end of each (index -1).
+  for p in [*range(min(len(kernel), len(a), len(b))), -1]:
+    if min(len(kernel), len(a), len(b), len(m) if m is not None else 1) == 0:
+      break
     if kernel[p] == a[p] == b[p] and (m is None or (p < len(m) and m[p] == kernel[p])):
-      drop = lambda s: s[:p] + s[p + 1:]
+      drop = lambda s: s[:p] + s[p + 1:] if p >= 0 else s[:-1]
       found += [inner.add_axis(p) for inner in _readings(
           drop(kernel), drop(a), drop(b), None if m is None else drop(m))]
   if m is not None:
-    found = [layout for layout in found if layout.shapes(kernel, a[-1] if a else 1)[2] == m]
-  return tuple(found)
+    found = [layout for layout in found if layout.shapes(kernel, layout.rank_of(a))[2] == m]
+  unique = {layout._meaning(kernel): layout for layout in found}  # lifts found several ways
+  return tuple(unique.values())
 
 
 def _compact_reading(kernel, a, b) -> Layout | None:

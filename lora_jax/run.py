@@ -175,6 +175,9 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   if t.batch_size % (shards * t.accum_steps):
     raise ValueError(f"train.batch_size={t.batch_size} must divide by the data x fsdp mesh axes "
                      f"({shards}) x train.accum_steps ({t.accum_steps})")
+  if full and t.lora_plus_ratio is not None:
+    raise ValueError("train.lora_plus_ratio is a LoRA setting: full training has no adapters "
+                     "(it would only speed up the biases and norms); leave it unset")
   tokenizer = data.ByteTokenizer()
   train_rows, eval_rows = _datasets(cfg, tokenizer)
 

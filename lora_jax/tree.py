@@ -54,7 +54,7 @@ def check_trainable_rules(params: Any, config: LoRAConfig | None) -> None:
   if config is None or not config.trainable:
     return
   paths = leaf_paths(params)
-  unused = [rule for rule in config.unmatched_rules((), paths) if rule.field == "trainable"]
+  unused = config.unmatched_rules(params=paths)
   if unused:
     raise unmatched_error(unused[0], [], paths)
 
@@ -210,24 +210,24 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
       raise ValueError(f"merge: layer '{path}' has adapters but no {', '.join(missing)}")
     kernel, a, b = (nn.meta.unbox(layer[k]) for k in ("kernel", "lora_a", "lora_b"))
     magnitude = nn.meta.unbox(layer["lora_magnitude"]) if "lora_magnitude" in layer else None
-    rank = config.rank_for(path)
-    if a.shape[-1] != rank:
-      raise ValueError(
-          f"merge: layer '{path}' has a rank-{a.shape[-1]} adapter but the config gives "
-          f"rank {rank}: pass the config the adapters were trained with")
-    if (magnitude is not None) != config.use_dora:
-      raise ValueError(
-          f"merge: layer '{path}' {'has' if magnitude is not None else 'lacks'} a DoRA "
-          f"magnitude but the config has use_dora={config.use_dora}")
     if layouts is not None and path not in layouts:
       raise ValueError(f"merge: the layouts hold no record of layer '{path}'")
     try:
       layout = find_layout(kernel.shape, a.shape, b.shape,
                            None if magnitude is None else magnitude.shape,
                            None if layouts is None else layouts[path])
-      w = _merged_kernel(kernel, a, b, config.scale(path), magnitude, layout)
     except ValueError as e:
       raise ValueError(f"merge: layer '{path}': {e}") from None
+    rank = config.rank_for(path)
+    if layout.rank_of(a.shape) != rank:
+      raise ValueError(
+          f"merge: layer '{path}' has a rank-{layout.rank_of(a.shape)} adapter but the config "
+          f"gives rank {rank}: pass the config the adapters were trained with")
+    if (magnitude is not None) != config.use_dora:
+      raise ValueError(
+          f"merge: layer '{path}' {'has' if magnitude is not None else 'lacks'} a DoRA "
+          f"magnitude but the config has use_dora={config.use_dora}")
+    w = _merged_kernel(kernel, a, b, config.scale(path), magnitude, layout)
     if safe:
       if isinstance(w, jax.core.Tracer):
         raise ValueError("merge(safe=True) checks values and cannot run under jit; "

@@ -466,7 +466,7 @@ def test_subclass_with_its_own_call_is_never_reported_selected():
   x = jnp.ones((2, 8))
   assert lj.targets(Custom(), None, x) == ["plain", "wrapped"]
   assert lj.targets(Custom(), lj.LoRAConfig(), x) == ["plain", "wrapped"]
-  for targets in (["scaled"], ".*"):
+  for targets in (["scaled"], "scaled"):
     with pytest.raises(ValueError, match="'scaled' is a ScaledDense \\(an nn.Dense whose own "
                        "__call__ does not call nn.Dense.__call__\\).*exclude it"):
       lj.inject(Custom(), lj.LoRAConfig(targets=targets)).init(jax.random.key(0), x)
@@ -519,3 +519,36 @@ def test_init_adapters_keeps_other_collections():
         "up": {"lora_a": (3, 2), "lora_b": (2, 8)}}
   np.testing.assert_array_equal(model.apply(out, x), Normed().apply(variables, x))
   chex.assert_trees_all_equal(alone, out["params"])
+
+
+class Inner(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="head")(nn.Dense(4, name="dense")(x))
+
+
+class Outer(nn.Module):
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    return self.inner(x)
+
+
+def test_rules_see_full_paths_in_a_model_injected_inside_another():
+  config = lj.LoRAConfig(rank=2, targets=["inner/dense"], trainable=["inner/head"])
+  params = Outer(lj.inject(Inner(), config)).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  assert lj.count(params, config) == {"lora": 14, "trainable": 20, "frozen": 16}
+
+
+def test_excluding_what_is_never_adapted_is_allowed():
+  """PEFT users exclude `lm_head` out of habit, tied or not; and rules may overlap."""
+  x = jnp.ones((2, 8))
+  assert lj.targets(TiedHead(), lj.LoRAConfig(exclude=["lm_head"]), IDS_12) == ["body"]
+  assert lj.targets(Custom(), lj.LoRAConfig(targets=".*"), x) == ["plain", "wrapped"]
+  with pytest.raises(ValueError, match="exclude rule 'norm' names 'norm' \\(BatchNorm\\), not a "
+                     "linear layer"):
+    lj.targets(Normed(), lj.LoRAConfig(exclude=["norm"]), x)
+  mlp = nn.Sequential([nn.Dense(4), nn.Dense(2)])
+  covered = lj.LoRAConfig(trainable=[".*", "layers_1"])  # the second is covered by the first
+  assert lj.targets(mlp, covered, x) == ["layers_0", "layers_1"]

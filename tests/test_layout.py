@@ -164,3 +164,28 @@ def test_recorded_layouts_shard_adapters_like_their_kernels():
   assert specs["kernel"] == P("fsdp", None, "tensor")
   assert specs["lora_a"] == P("fsdp", None, None) and specs["lora_b"] == P(None, None, "tensor")
   assert specs["lora_magnitude"] == P("tensor", None)
+
+
+@pytest.mark.parametrize("axis, use_dora", [(2, False), (-1, True)])  # a 1-D magnitude has no axis 2
+def test_a_layer_axis_after_the_rank(axis, use_dora):
+  """Stacked last: the rank is no longer A's last axis."""
+  class Last(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Block, variable_axes={"params": axis}, split_rngs={"params": True},
+                     length=3)(name="layers")(x, None)[0]
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return jnp.tanh(nn.Dense(5, use_bias=False, name="proj")(x)), None
+
+  x = jax.random.normal(jax.random.key(0), (2, 5))
+  config = lj.LoRAConfig(rank=2, use_dora=use_dora)
+  model = lj.inject(Last(), config)
+  params = _perturb(model.init(jax.random.key(1), x)["params"])
+  assert params["layers"]["proj"]["lora_a"].shape == (5, 2, 3)
+  for layouts in (None, lj.layouts(model, x)):
+    merged = lj.merge(params, config, layouts=layouts)
+    np.testing.assert_allclose(Last().apply({"params": merged}, x),
+                               model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)

@@ -10,22 +10,7 @@ import pytest
 import lora_jax as lj
 from lora_jax import checkpoint, recipe, run
 from lora_jax.models.llama import Llama, LlamaConfig
-
-
-class MLP(nn.Module):
-  """A small regression model with LoRA layers, a LayerNorm and a head."""
-
-  dense: type = lj.LoRADense
-  use_dora: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    kw = {"rank": 4, "alpha": 8.0, "use_dora": self.use_dora} if self.dense is not nn.Dense else {}
-    x = nn.tanh(self.dense(32, name="hidden_0", **kw)(x))
-    x = nn.tanh(self.dense(32, name="hidden_1", **kw)(x))
-    x = nn.LayerNorm(name="norm")(x)
-    return nn.Dense(1, name="head")(x)
-
+from tests.test_tree import MLP  # LoRA layers, a LayerNorm and a head
 
 HEAD = lj.LoRAConfig(trainable=["head"])
 

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig
+from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig, PathRule
 from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array,
                                jax_module, jax_param, to_hf)
 from lora_jax.models.llama import LlamaConfig, unstack_layers
@@ -294,7 +294,9 @@ def _path_pattern(peft_pattern: Mapping[str, Any], values: Mapping[str, Any], de
   """PEFT's pattern as flax path rules when its keys are plain names, else exact paths."""
   translated = tuple((_as_path(k), v) for k, v in peft_pattern.items())
   if all(k for k, _ in translated):
-    return translated
+    # PEFT ignores keys of layers it did not adapt; lora_jax refuses them, so drop them.
+    return tuple((k, v) for k, v in translated
+                 if any(map(PathRule.suffix("pattern", k).matches, values)))
   return _exact(values, default)
 
 
