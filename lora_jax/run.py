@@ -70,9 +70,16 @@ def llama_config(section: ModelSection) -> LlamaConfig:
   options = dict(scan_layers=section.scan_layers, remat=section.remat, dtype=section.dtype,
                  param_dtype=section.param_dtype)
   if section.base.startswith("preset:"):
-    return config_for(section.base.split(":", 1)[1], **options)
-  described = json.loads((_model_dir(section.base) / "model.json").read_text())["llama"]
-  return LlamaConfig(**{**described, **options})
+    config = config_for(section.base.split(":", 1)[1], **options)
+  else:
+    described = json.loads((_model_dir(section.base) / "model.json").read_text())["llama"]
+    config = LlamaConfig(**{**described, **options})
+  if config.vocab_size < data.ByteTokenizer.vocab_size:  # larger ids would embed as NaN
+    raise ValueError(
+        f"model.base={section.base}: its vocabulary ({config.vocab_size}) is smaller than the "
+        f"byte tokenizer's {data.ByteTokenizer.vocab_size} ids; use a byte-level model "
+        "(preset:tiny-byte, or a model this command made)")
+  return config
 
 
 def save_model(directory, config: LlamaConfig, params, *, overwrite: bool = False) -> Path:
