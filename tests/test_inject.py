@@ -436,8 +436,9 @@ def test_hugging_face_tied_head_is_never_selected(allow_rank_promotion):
   base = jax.jit(module.init)(jax.random.key(0), *args)["params"]
   model = lj.inject(module, lj.LoRAConfig(rank=2))
   params = jax.jit(lambda b: lj.init_adapters(model, b, jax.random.key(1), *args))(base)
-  np.testing.assert_array_equal(model.apply({"params": params}, *args).logits,
-                                module.apply({"params": base}, *args).logits)
+  logits = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, *args).logits)(p)
+  # Compiled, the two programs may fuse differently: equal up to float rounding.
+  np.testing.assert_allclose(logits(model, params), logits(module, base), rtol=1e-5, atol=1e-6)
 
 
 class ScaledDense(nn.Dense):

@@ -18,7 +18,8 @@ from tests.test_layers import KINDS, _perturb
 def test_layout_read_back_from_shapes(kind):
   """Where no record is at hand, the shapes give back the layer's own layout."""
   _, lora_fn, shape = KINDS[kind]
-  params = lora_fn(rank=2, use_dora=True).init(jax.random.key(0), jnp.ones(shape))["params"]
+  params = jax.eval_shape(lora_fn(rank=2, use_dora=True).init, jax.random.key(0),
+                          jnp.ones(shape))["params"]
   k, a, b, m = (params[n].shape for n in ("kernel", "lora_a", "lora_b", "lora_magnitude"))
   layout = read_layout(k, a, b, m)
   assert layout.shapes(k, 2) == (a, b, m)
