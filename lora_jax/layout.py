@@ -236,9 +236,9 @@ def read_layout(kernel_shape, a_shape, b_shape, m_shape=None) -> Layout:
   """
   shapes = tuple(tuple(s) for s in (kernel_shape, a_shape, b_shape)) + (
       None if m_shape is None else tuple(m_shape),)
-  found = {layout._meaning(shapes[0]): layout for layout in _readings(*shapes)}
+  found = _readings(*shapes)  # one layout per meaning
   if len(found) == 1:
-    return next(iter(found.values()))
+    return found[0]
   what = (f"lora_a {shapes[1]} and lora_b {shapes[2]}"
           + ("" if m_shape is None else f" and lora_magnitude {shapes[3]}"))
   if not found:
@@ -247,7 +247,7 @@ def read_layout(kernel_shape, a_shape, b_shape, m_shape=None) -> Layout:
         "contracting + (r,), B: [shared] + (r,) + output, or both with every kernel axis "
         "and the rank last; plus axes that nn.scan/nn.vmap inserted)")
   raise ValueError(f"{what} fit kernel {shapes[0]} in {len(found)} layouts that compute "
-                   f"different things: {'; '.join(map(str, found.values()))}. Pass the "
+                   f"different things: {'; '.join(map(str, found))}. Pass the "
                    "recorded ones: layouts=lora_jax.layouts(model, *sample_args)")
 
 
