@@ -346,3 +346,43 @@ def test_sampling_is_deterministic_for_a_fixed_rng(params, ids):
   assert llama._generate._cache_size() == compiled  # new keys/temperatures: no recompile
   with pytest.raises(ValueError, match="rng"):
     generate(model, params, ids, max_new_tokens=2, temperature=0.5)
+
+
+def test_generate_stops_rows_at_stop_ids_and_keeps_the_rest(params, ids):
+  model = Llama(TINY)
+  free = np.asarray(generate(model, params, ids[:, :3], max_new_tokens=8))
+  stop = int(free[0, 5])                                 # row 0's third new token
+  got = np.asarray(generate(model, params, ids[:, :3], max_new_tokens=8, stop_ids=[stop]))
+  for row in range(2):
+    new, ref = got[row, 3:], free[row, 3:]
+    hits = np.flatnonzero(ref == stop)
+    end = hits[0] + 1 if hits.size else len(ref)
+    np.testing.assert_array_equal(new[:end], ref[:end])
+    assert (new[end:] == stop).all()
+  assert (got[0, 6:] == stop).all()
+
+
+def test_generate_never_produces_ids_past_vocab_size(params, ids):
+  model = Llama(TINY)
+  free = np.asarray(generate(model, params, ids[:, :3], max_new_tokens=8))[:, 3:]
+  limit = int(free.max())                                # the largest id it picks is now barred
+  got = np.asarray(generate(model, params, ids[:, :3], max_new_tokens=8, vocab_size=limit))
+  assert got[:, 3:].max() < limit
+  sampled = generate(model, params, ids[:, :3], max_new_tokens=8, vocab_size=limit,
+                     temperature=5.0, rng=jax.random.key(0))
+  assert int(np.asarray(sampled)[:, 3:].max()) < limit
+  with pytest.raises(ValueError, match="vocab_size"):
+    generate(model, params, ids, max_new_tokens=1, vocab_size=TINY.vocab_size + 1)
+
+
+def test_top_p_keeps_only_the_nucleus(params, ids):
+  model = Llama(TINY)
+  greedy = generate(model, params, ids[:, :3], max_new_tokens=8)
+  narrow = generate(model, params, ids[:, :3], max_new_tokens=8, temperature=1.0, top_p=1e-6,
+                    rng=jax.random.key(1))
+  np.testing.assert_array_equal(narrow, greedy)          # the nucleus is the top token alone
+  wide = generate(model, params, ids[:, :3], max_new_tokens=8, temperature=1.0,
+                  rng=jax.random.key(1))
+  assert not np.array_equal(wide, greedy)
+  with pytest.raises(ValueError, match="top_p"):
+    generate(model, params, ids, max_new_tokens=1, top_p=0.0)
