@@ -2,7 +2,7 @@
 
     lora-jax train [--config FILE] [section.key=value ...]
     lora-jax info [--config FILE] [section.key=value ...]
-    lora-jax generate [--base MODEL] [--adapter DIR] [--prompt TEXT] ...
+    lora-jax generate [--base MODEL] [--adapter DIR] [--prompt TEXT] [--chat] ...
     lora-jax merge --adapter DIR --output DIR [--base MODEL]
     lora-jax pretrain [--config FILE] [...]      (how the shipped tiny model was made)
     lora-jax export-peft --adapter DIR --output DIR [--base-model NAME]
@@ -37,16 +37,25 @@ def _parser() -> argparse.ArgumentParser:
   pretrain = with_config("pretrain", "train every param from the config's base (no LoRA)")
   pretrain.add_argument("--no-progress", action="store_true")
 
-  gen = sub.add_parser("generate", help="continue a prompt with a model (and an adapter)")
-  gen.add_argument("--base", default="builtin:tiny-kjv", help="model directory or builtin:NAME")
-  gen.add_argument("--adapter", help="an adapter directory (a run's output_dir/adapter)")
-  gen.add_argument("--prompt", default="", help="text to continue")
+  base_help = "hf:DIR (a Hugging Face checkpoint), a model directory, or builtin:NAME"
+  gen = sub.add_parser("generate", help="continue a prompt, or answer it (--chat), with a model "
+                       "and an adapter")
+  gen.add_argument("--base", default="builtin:tiny-kjv", help=base_help)
+  gen.add_argument("--adapter", help="a lora_jax adapter directory (a run's output_dir/adapter) "
+                   "or a PEFT adapter directory")
+  gen.add_argument("--prompt", default="", help="text to continue, or with --chat the message")
+  gen.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the chat template and print "
+                   "the reply")
+  gen.add_argument("--system", help="a system message (with --chat)")
   gen.add_argument("--max-new-tokens", type=int, default=200)
-  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass")
   gen.add_argument("--seed", type=int, default=0)
 
-  merge = sub.add_parser("merge", help="fold an adapter into its base: a new model directory")
-  merge.add_argument("--base", default="builtin:tiny-kjv")
+  merge = sub.add_parser("merge", help="fold an adapter into its base: a new model of the "
+                         "base's kind (a Hugging Face checkpoint for hf: bases)")
+  merge.add_argument("--base", default="builtin:tiny-kjv", help=base_help)
   merge.add_argument("--adapter", required=True)
   merge.add_argument("--output", required=True)
   merge.add_argument("--dtype", help="e.g. bfloat16 (default: keep each param's dtype)")
@@ -82,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = recipe.load(args.config, args.overrides)
     if args.command == "info":
       facts = run.describe(cfg)
-      print(f"model: {cfg.model.base}, {facts['layers']} layers, {facts['params']:,} params")
+      print(f"model: {cfg.model.base} ({facts['kind']}, Llama), {facts['layers']} layers, "
+            f"{facts['params']:,} params")
       print(f"trainable: {facts['trainable']:,} "
             f"({100 * facts['trainable'] / facts['params']:.3f}%)")
       print(f"adapted layers ({len(facts['targets'])}):")
@@ -94,10 +104,11 @@ def _run(args: argparse.Namespace) -> int:
       print(f"eval loss: {result['eval_before']:.4f} -> {result['eval_after']:.4f}")
     return 0
   if args.command == "generate":
-    section = ModelSection(base=args.base)
-    print(args.prompt + run.generate_text(
-        section, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, seed=args.seed))
+    reply = run.generate_text(
+        ModelSection(base=args.base), args.prompt, adapter=args.adapter, chat=args.chat,
+        system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed)
+    print(reply if args.chat else args.prompt + reply)
     return 0
   if args.command in ("export-peft", "import-peft"):
     from lora_jax import checkpoint, hf

@@ -1,8 +1,8 @@
 """Run configs: what `lora-jax train` reads from YAML, validated.
 
-A run config has five sections, each a frozen dataclass: `model` (which base,
-and how to run it), `lora` (a `LoRAConfig`), `data`, `train` and `mesh`, plus
-`output_dir`. YAML gives the values; `key.sub=value` overrides on the command
+A run config has six sections, each a frozen dataclass: `model` (which base,
+and how to run it), `lora` (a `LoRAConfig`), `data`, `train`, `mesh` and
+`export` (what a run writes besides its adapter), plus `output_dir`. YAML gives the values; `key.sub=value` overrides on the command
 line replace single fields. Every unknown key is an error that names it and
 suggests the closest known key.
 """
@@ -25,9 +25,13 @@ class ModelSection:
   """The base model.
 
   Attributes:
-    base: `builtin:tiny-kjv` (the shipped model), a model directory (a
-      `model.json` and Orbax `params/`, as `lora-jax merge` writes), or
-      `preset:NAME` for a randomly initialised preset (planning, tests).
+    base: `hf:DIR` (or a plain DIR holding `config.json`) for a Hugging Face
+      checkpoint, `builtin:tiny-kjv` (the shipped model), a lora_jax model
+      directory (`model.json` and Orbax `params/`), or `preset:NAME` for a
+      randomly initialised preset (planning, tests). See `lora_jax.bases`.
+    tokenizer: a directory with Hugging Face tokenizer files to use instead
+      of the base's own ('': the checkpoint's tokenizer; bytes for lora_jax
+      model directories and presets).
     scan_layers: stack the layers with `nn.scan` (fast compiles, big models).
     remat: 'none', 'full', 'dots' or 'dots_with_no_batch_dims'.
     dtype: compute dtype, e.g. 'bfloat16' on TPU.
@@ -35,6 +39,7 @@ class ModelSection:
   """
 
   base: str = "builtin:tiny-kjv"
+  tokenizer: str = ""
   scan_layers: bool = False
   remat: str = "none"
   dtype: str = "float32"
@@ -46,8 +51,12 @@ class DataSection:
   """Training text.
 
   Attributes:
-    train: files or directories (.txt, .jsonl), or `builtin:devil` /
-      `builtin:kjv` for the shipped corpora.
+    train: files (.txt, .jsonl, .parquet), directories of them or saved with
+      `datasets`' `save_to_disk`, or `builtin:devil` / `builtin:kjv` for the
+      shipped corpora. JSONL/Parquet rows hold `text`, `prompt` and
+      `completion`, Alpaca's `instruction`/`input`/`output`, or chat
+      `messages` (rendered with the tokenizer's chat template); the loss
+      counts only completions and assistant replies (see `lora_jax.formats`).
     eval: held-out data in the same forms; empty: `eval_fraction` of train.
     eval_fraction: share of the training rows held out when `eval` is empty.
     seq_len: tokens per row.
@@ -109,8 +118,32 @@ class MeshSection:
   tensor: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+  """What a LoRA run writes at the end besides `adapter/` (lora_jax's own checkpoint).
+
+  Attributes:
+    peft: write `peft/`, a PEFT adapter (`adapter_config.json` +
+      `adapter_model.safetensors`) that `PeftModel.from_pretrained` and vLLM
+      load. None: for Hugging Face bases.
+    merged: write `merged/`, the adapter folded into the base: a complete
+      Hugging Face checkpoint (with the tokenizer files) for Hugging Face
+      bases, else a lora_jax model directory. None: only for lora_jax model
+      directories and presets (a merged Hugging Face model is a full copy).
+    merged_dtype: e.g. 'bfloat16'; None: the checkpoint's `torch_dtype`
+      (each param's own dtype for lora_jax bases).
+    base_model_name_or_path: recorded in the PEFT adapter; None: the
+      checkpoint's `_name_or_path`, else its directory.
+  """
+
+  peft: bool | None = None
+  merged: bool | None = None
+  merged_dtype: str | None = None
+  base_model_name_or_path: str | None = None
+
+
 SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection,
-            "train": TrainSection, "mesh": MeshSection}
+            "train": TrainSection, "mesh": MeshSection, "export": ExportSection}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +155,7 @@ class RunConfig:
   data: DataSection = DataSection()
   train: TrainSection = TrainSection()
   mesh: MeshSection = MeshSection()
+  export: ExportSection = ExportSection()
   output_dir: str = "runs/default"
 
   @classmethod
@@ -170,6 +204,12 @@ def _build(cls: type, data: Mapping[str, Any], section: str) -> Any:
   values = {}
   for name, value in data.items():
     default = fields[name].default
+    if default is None:  # an optional field: None, or a value of its type
+      kind = str(fields[name].type).split(" |")[0]
+      default = {"bool": False, "float": 0.0, "str": ""}[kind]
+      if value is None:
+        values[name] = value
+        continue
     if isinstance(default, tuple):
       value = (value,) if isinstance(value, str) else tuple(value or ())
     elif isinstance(default, bool):
@@ -178,10 +218,10 @@ def _build(cls: type, data: Mapping[str, Any], section: str) -> Any:
     elif isinstance(default, int) and not isinstance(default, bool):
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"config {section}.{name}={value!r}: must be an integer")
-    elif isinstance(default, float) or (default is None and name.endswith("ratio")):
-      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    elif isinstance(default, float):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"config {section}.{name}={value!r}: must be a number")
-      value = None if value is None else float(value)
+      value = float(value)
     elif isinstance(default, str) and not isinstance(value, str):
       raise ValueError(f"config {section}.{name}={value!r}: must be a string")
     values[name] = value

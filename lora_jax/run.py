@@ -1,21 +1,18 @@
 """The main job: fine-tune a base model with LoRA from a `RunConfig`, end to end.
 
-Used by the `lora-jax` command and the notebook. A model directory holds
-`model.json` (the Llama architecture and tokenizer) and `params/` (an Orbax
-checkpoint of the plain model's params); `builtin:tiny-kjv` is the one the
-package ships. A run directory (`output_dir`) holds `run_config.yaml`,
-`checkpoints/` (resumed automatically), and at the end `adapter/` and
-`merged/` (a model directory).
+Used by the `lora-jax` command and the notebook. The base is a Hugging Face
+checkpoint (with its own tokenizer and chat template), a lora_jax model
+directory such as the shipped `builtin:tiny-kjv`, or a preset (see
+`lora_jax.bases`). A run directory (`output_dir`) holds `run_config.yaml`,
+`checkpoints/` (resumed automatically), and at the end `adapter/`, and as
+the `export` section asks `peft/` (a PEFT adapter) and `merged/` (a model of
+the base's kind).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import yaml
 
-from lora_jax import checkpoint, data, distributed, sharding, train
+from lora_jax import bases, checkpoint, data, distributed, sharding, train
 from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
-from lora_jax.models.llama import Llama, LlamaConfig, config_for, generate
+from lora_jax.models.llama import Llama, generate
 from lora_jax.optim import optimizer
 from lora_jax.recipe import ModelSection, RunConfig
 from lora_jax.tree import combine, count, merge
 
-ASSETS = resources.files("lora_jax") / "assets"
 
 
 def corpus_paths(specs) -> list[Path]:
@@ -43,7 +38,7 @@ def corpus_paths(specs) -> list[Path]:
   out = []
   for spec in specs:
     if spec.startswith("builtin:"):
-      path = Path(str(ASSETS / "corpora" / f"{spec.split(':', 1)[1]}.txt"))
+      path = Path(str(bases.ASSETS / "corpora" / f"{spec.split(':', 1)[1]}.txt"))
       if not path.is_file():
         raise FileNotFoundError(f"no built-in corpus '{spec}' (there are builtin:kjv and "
                                 "builtin:devil)")
@@ -51,74 +46,6 @@ def corpus_paths(specs) -> list[Path]:
     else:
       out.append(Path(spec))
   return out
-
-
-def _model_dir(base: str) -> Path:
-  if base.startswith("builtin:"):
-    path = Path(str(ASSETS / base.split(":", 1)[1]))
-    if not (path / "model.json").is_file():
-      raise FileNotFoundError(f"no built-in model '{base}' (there is builtin:tiny-kjv)")
-    return path
-  path = Path(base)
-  if not (path / "model.json").is_file():
-    raise FileNotFoundError(f"{path} is not a model directory (no model.json)")
-  return path.resolve()
-
-
-def llama_config(section: ModelSection) -> LlamaConfig:
-  """The architecture of `section.base`, with the section's run options."""
-  options = dict(scan_layers=section.scan_layers, remat=section.remat, dtype=section.dtype,
-                 param_dtype=section.param_dtype)
-  if section.base.startswith("preset:"):
-    config = config_for(section.base.split(":", 1)[1], **options)
-  else:
-    described = json.loads((_model_dir(section.base) / "model.json").read_text())["llama"]
-    config = LlamaConfig(**{**described, **options})
-  if config.vocab_size < data.ByteTokenizer.vocab_size:  # larger ids would embed as NaN
-    raise ValueError(
-        f"model.base={section.base}: its vocabulary ({config.vocab_size}) is smaller than the "
-        f"byte tokenizer's {data.ByteTokenizer.vocab_size} ids; use a byte-level model "
-        "(preset:tiny-byte, or a model this command made)")
-  return config
-
-
-def save_model(directory, config: LlamaConfig, params, *, overwrite: bool = False) -> Path:
-  """Writes a model directory: `model.json` and the params (layers unstacked or not)."""
-  path = Path(directory).resolve()
-  if path.exists() and any(path.iterdir()) and not overwrite:
-    raise FileExistsError(f"{path} exists and is not empty: refusing to overwrite it")
-  path.mkdir(parents=True, exist_ok=True)
-  arch = {k: v for k, v in dataclasses.asdict(config).items()
-          if k not in ("scan_layers", "remat", "dtype", "param_dtype")}
-  if arch.get("rope_scaling") is not None:
-    arch["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
-  (path / "model.json").write_text(json.dumps(
-      {"llama": arch, "scan_layers": config.scan_layers, "tokenizer": "byte"}, indent=2))
-  checkpointer = ocp.StandardCheckpointer()
-  if (path / "params").exists():
-    shutil.rmtree(path / "params")
-  checkpointer.save(path / "params", nn.unbox(params))
-  checkpointer.wait_until_finished()
-  return path
-
-
-def load_base(section: ModelSection, sample_ids: jax.Array, shardings: Any = None
-              ) -> tuple[Llama, Any]:
-  """The plain model and its params (restored onto `shardings` when given)."""
-  model = Llama(llama_config(section))
-  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), sample_ids)["params"])
-  if section.base.startswith("preset:"):
-    params = nn.unbox(jax.jit(model.init, out_shardings=None)(jax.random.key(0),
-                                                             sample_ids)["params"])
-    return model, params if shardings is None else jax.device_put(params, shardings)
-  path = _model_dir(section.base) / "params"
-  saved = json.loads((path.parent / "model.json").read_text()).get("scan_layers", False)
-  if saved != section.scan_layers:
-    raise ValueError(f"{path.parent} was saved with scan_layers={saved}; set "
-                     f"model.scan_layers={str(saved).lower()}")
-  target = abstract if shardings is None else jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
-  return model, ocp.StandardCheckpointer().restore(path, target)
 
 
 def _optimizer(cfg: RunConfig, params: Any, config: LoRAConfig) -> optax.GradientTransformation:
@@ -185,20 +112,19 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   if full and t.lora_plus_ratio is not None:
     raise ValueError("train.lora_plus_ratio is a LoRA setting: full training has no adapters "
                      "(it would only speed up the biases and norms); leave it unset")
-  tokenizer = data.ByteTokenizer()
+  base_model = bases.resolve(cfg.model)
+  tokenizer = base_model.tokenizer()
   train_rows, eval_rows = _datasets(cfg, tokenizer)
 
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
-  llama = Llama(llama_config(cfg.model))
+  llama = Llama(base_model.config)
   config = LoRAConfig(trainable=(".*",)) if full else cfg.lora
   model = llama if full else inject(llama, config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
   tx = _optimizer(cfg, nn.unbox(abstract), config)
   out = Path(cfg.output_dir).resolve()
   _check_run_dir(out, cfg)
-  plain_shardings = sharding.param_shardings(
-      jax.eval_shape(llama.init, jax.random.key(0), sample)["params"], mesh)
-  _, base_params = load_base(cfg.model, sample, plain_shardings)
+  _, base_params = base_model.load(mesh)
   params = base_params if full else init_adapters(
       model, base_params, jax.random.key(t.seed), sample)
   step = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract,
@@ -261,15 +187,31 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   log(f"eval loss after: {result['eval_after']:.4f}")
   final = combine(state.adapters, base)
   if full:
-    result["model"] = save_model(out / "model", llama.config, final, overwrite=True)
+    result["model"] = base_model.save(out / "model", final, overwrite=True)
     log(f"model: {result['model']}")
   else:
-    result["adapter"] = checkpoint.save_adapter(out / "adapter", final, config, overwrite=True)
-    result["merged"] = save_model(out / "merged", llama.config,
-                                  merge(final, config), overwrite=True)
-    log(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
+    result.update(_export(cfg, base_model, final, config, out))
+    for name in ("adapter", "peft", "merged"):
+      if name in result:
+        log(f"{name}: {result[name]}")
   result["steps"] = state.step
   return result
+
+
+def _export(cfg: RunConfig, base_model: bases.Base, params: Any, config: LoRAConfig,
+            out: Path) -> dict[str, Path]:
+  """The adapter, and as `cfg.export` asks the PEFT adapter and the merged model."""
+  e = cfg.export
+  written = {"adapter": checkpoint.save_adapter(out / "adapter", params, config, overwrite=True)}
+  if e.peft if e.peft is not None else base_model.kind == "hf":
+    from lora_jax import hf
+    written["peft"] = hf.export_peft(
+        out / "peft", params, config, model_config=base_model.config, overwrite=True,
+        base_model_name_or_path=e.base_model_name_or_path or base_model.name_or_path)
+  if e.merged if e.merged is not None else base_model.kind != "hf":
+    written["merged"] = base_model.save(out / "merged", merge(params, config),
+                                        dtype=e.merged_dtype, overwrite=True)
+  return written
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -299,40 +241,82 @@ def _evaluator(model, step, rows, t, host_rows):
   return evaluate
 
 
+def load_adapter(path: str, params: Any) -> tuple[Any, LoRAConfig]:
+  """A lora_jax adapter directory, or a PEFT adapter directory, checked against `params`."""
+  if (Path(path) / "adapter_config.json").is_file():
+    from lora_jax import hf
+    adapters, config = hf.import_peft(path)
+    checkpoint.check_fits(adapters, nn.unbox(params), config)
+    return adapters, config
+  return checkpoint.load_adapter(path, target=params)
+
+
 def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = None,
-                  max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:
-  """Continues `prompt` with the base model, or base + adapter."""
-  tokenizer = data.ByteTokenizer()
-  ids = jnp.asarray(tokenizer.encode(prompt, bos=True))[None, :]
-  model, params = load_base(section, ids)
+                  chat: bool = False, system: str | None = None, max_new_tokens: int = 200,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+  """Continues `prompt` (or answers it, `chat`) with the base model, or base + adapter.
+
+  Args:
+    section: the base model.
+    prompt: the text to continue, or with `chat` the user's message.
+    adapter: a lora_jax adapter directory or a PEFT adapter directory.
+    chat: render `prompt` as a user turn (after `system`, if given) with the
+      tokenizer's chat template and return the assistant's reply.
+    system: a system message for `chat`.
+    max_new_tokens: at most this many tokens; decoding stops at the
+      tokenizer's end-of-sequence (and end-of-turn) ids.
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    top_p: nucleus sampling's probability mass.
+    seed: the sampling seed.
+
+  Returns:
+    The new text (without the prompt), special tokens removed.
+  """
+  base_model = bases.resolve(section)
+  tokenizer = base_model.tokenizer()
+  if chat:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    # The template writes its own BOS where the model expects one.
+    ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+  else:
+    if system:
+      raise ValueError("a system message needs chat (--chat)")
+    ids = tokenizer.encode(prompt, bos=True)
+  ids = jnp.asarray(ids, jnp.int32)[None, :]
+  model, params = base_model.load()
   if adapter is not None:
-    adapters, config = checkpoint.load_adapter(adapter, target=params)
+    adapters, config = load_adapter(adapter, params)
     model, params = inject(model, config), combine(adapters, params)
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 rng=jax.random.key(seed) if temperature > 0 else None)
+                 top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
+                 stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
   new = np.asarray(out[0, ids.shape[1]:])
-  # The vocabulary is padded past the tokenizer's ids; an untrained model may pick those.
-  return tokenizer.decode(new[new < tokenizer.vocab_size])
+  ends = np.flatnonzero(np.isin(new, tokenizer.stop_ids))
+  return tokenizer.decode(new[:ends[0]] if ends.size else new)
 
 
 def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: str | None = None
                   ) -> Path:
-  """Base + adapter folded into a new model directory."""
-  sample = jnp.zeros((1, 8), jnp.int32)
-  model, params = load_base(section, sample)
-  adapters, config = checkpoint.load_adapter(adapter, target=params)
-  merged = merge(combine(adapters, params), config, dtype=dtype)
-  return save_model(output, model.config, merged)
+  """Base + adapter folded into a new model of the base's kind (a Hugging Face
+  checkpoint with its tokenizer files for Hugging Face bases)."""
+  base_model = bases.resolve(section)
+  _, params = base_model.load()
+  adapters, config = load_adapter(adapter, params)
+  return base_model.save(output, merge(combine(adapters, params), config, dtype=dtype),
+                         dtype=dtype)
 
 
 def describe(cfg: RunConfig) -> dict[str, Any]:
   """Model size, trainable count and the layers the config adapts (no weights loaded)."""
-  llama = Llama(llama_config(cfg.model))
+  base_model = bases.resolve(cfg.model)
+  llama = Llama(base_model.config)
   sample = jnp.zeros((1, 8), jnp.int32)
   abstract = nn.unbox(jax.eval_shape(inject(llama, cfg.lora).init, jax.random.key(0),
                                      sample)["params"])
   n = count(abstract, cfg.lora)
   return {"params": sum(n.values()), "trainable": n["lora"] + n["trainable"],
           "adapter_params": n["lora"], "targets": targets(llama, cfg.lora, sample),
-          "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size}
-
+          "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size,
+          "kind": {"hf": "Hugging Face checkpoint", "model": "lora_jax model directory",
+                   "preset": "preset (random weights)"}[base_model.kind]}

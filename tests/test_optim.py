@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax import checkpoint, recipe, run
+from lora_jax import bases, checkpoint, recipe, run
 from lora_jax.models.llama import Llama, LlamaConfig
 from tests.test_tree import MLP  # LoRA layers, a LayerNorm and a head
 
@@ -247,7 +247,7 @@ def test_run_config_lora_plus_ratio_scales_b_learning_rate(tmp_path):
   llama = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1,
                       num_heads=2, num_kv_heads=1, max_position_embeddings=64)
   base = Llama(llama).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  run.save_model(tmp_path / "model", llama, base)
+  bases.save_model(tmp_path / "model", llama, base)
   lr = 0.001
   cfg = recipe.load(None, [
       f"model.base={tmp_path / 'model'}", "lora.targets=[q_proj]", "mesh.data=-1",

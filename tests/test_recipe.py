@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import lora_jax as lj
-from lora_jax import recipe, run, sharding
+from lora_jax import bases, recipe, run, sharding
 from lora_jax.models.llama import Llama
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -52,11 +52,11 @@ def test_overrides():
 def test_every_shipped_config_builds_abstractly(path, monkeypatch):
   cfg = recipe.load(path)
   base = cfg.model.base
-  if base.startswith("models/"):  # TPU configs: the preset's weights live there
-    cfg = recipe.load(path, [f"model.base=preset:{base.split('/', 1)[1]}"])
+  if base.startswith("hf:"):  # TPU configs: a downloaded checkpoint of the file's preset
+    cfg = recipe.load(path, [f"model.base=preset:{path.name.split('_')[0]}"])
   elif base.startswith("builtin:"):
     cfg = recipe.load(path, ["model.base=preset:tiny-byte"])
-  llama = Llama(run.llama_config(cfg.model))
+  llama = Llama(bases.resolve(cfg.model).config)
   model = llama if "pretrain" in path.name else lj.inject(llama, cfg.lora)  # pretrain: no LoRA
   ids = jnp.zeros((1, 8), jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]

@@ -247,7 +247,8 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
   Args:
     directory: holds `config.json` and `model.safetensors` or
       `model.safetensors.index.json` with its shards.
-    dtype: params and compute dtype (e.g. `jnp.bfloat16`).
+    dtype: params and compute dtype (e.g. `jnp.bfloat16`); pass `param_dtype`
+      too to store the params in another dtype than the compute's.
     mesh: place each param straight onto its `NamedSharding` (from the
       model's logical axes and `rules`): every host reads only the slices of
       each tensor its devices hold, and no device ever holds a whole tensor
@@ -281,7 +282,7 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
   shardings = None
   if mesh is not None:
     shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
-  target = np.dtype(jnp.dtype(dtype))
+  target = np.dtype(jnp.dtype(config.param_dtype))
 
   def load(kp, leaf, where=None):
     path = "/".join(k.key for k in kp)
