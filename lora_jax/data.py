@@ -1,9 +1,10 @@
-"""Text files in, fixed-shape token batches out: the data pipeline (numpy only).
+"""Data files in, fixed-shape token batches out: the data pipeline (numpy only).
 
-`read_texts` turns plain text and JSONL files into `Example`s, `tokenize`
-gives each its token ids and loss mask, `pack` cuts them into rows of
-`seq_len`, and `Loader` serves shuffled global batches of those rows;
-`load_dataset` does the first three. Batches hold `input_ids`,
+`read_texts` reads text, JSONL and Parquet files and saved `datasets` into
+`Example`s and `Chat`s (`lora_jax.formats` says what a row means),
+`tokenize` gives each its token ids and loss mask, `pack` cuts them into
+rows of `seq_len`, and `Loader` serves shuffled global batches of those
+rows; `load_dataset` does the first three. Batches hold `input_ids`,
 `attention_mask` and `loss_mask`, int32 (batch, seq_len): what
 `lora_jax.train.causal_lm_loss` consumes.
 
@@ -25,19 +26,17 @@ depends only on the seed, so the hosts' rows together are the one-host batch.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
+# Row formats and file reading live in formats; their names stay importable from here.
+from lora_jax.formats import DOCUMENTS, SUFFIXES, Chat, Example, Paths  # noqa: F401
+from lora_jax.formats import read_source, sources
+
 BOS, EOS, PAD = 256, 257, 258
-DOCUMENTS = ("file", "paragraphs", "lines")
-SUFFIXES = (".txt", ".jsonl")
-Paths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 class ByteTokenizer:
@@ -47,6 +46,7 @@ class ByteTokenizer:
   rows: round up to a multiple of 64 for TPU-friendly shapes, e.g.
   `lora_jax.models.llama.config_for("tiny", vocab_size=320)` (the preset's
   256 is too small). No files and no training, and every string encodes.
+  It has no chat template, so it cannot tokenize a `Chat`.
 
   >>> tok = ByteTokenizer()
   >>> tok.encode("hé", bos=True).tolist()
@@ -57,6 +57,7 @@ class ByteTokenizer:
 
   BOS, EOS, PAD = BOS, EOS, PAD
   vocab_size = 259
+  chat_template = None
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
     """The bytes of `text` as int32 ids, optionally between `BOS` and `EOS`."""
@@ -76,120 +77,119 @@ class ByteTokenizer:
     return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
 
 
-class Example(NamedTuple):
-  """A training example: the model learns `completion` given `prompt` ('' for plain text)."""
+def read_texts(paths: Paths, *, documents: str = "file") -> list[Example | Chat]:
+  """Reads examples and chats from text, JSONL and Parquet files and saved datasets.
 
-  prompt: str
-  completion: str
-
-
-def _files(paths: Paths) -> list[Path]:
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  files = []
-  for path in map(Path, paths):
-    if path.is_dir():
-      files += sorted(f for f in path.iterdir() if f.is_file() and f.suffix in SUFFIXES)
-    elif not path.exists():
-      raise FileNotFoundError(f"no such file or directory: {path}")
-    elif path.suffix not in SUFFIXES:
-      raise ValueError(f"{path}: expected a .txt or .jsonl file or a directory of them")
-    else:
-      files.append(path)
-  return files
-
-
-def _jsonl(path: Path, text: str) -> list[Example]:
-  examples = []
-  # Only '\n' ends a record: str.splitlines would also split at U+2028 and
-  # friends, which JSON allows raw inside strings.
-  for number, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
-    keys = set(record) if isinstance(record, dict) else set()
-    # Other keys (ids, sources, ...) are ignored; an ambiguous record is not.
-    if "text" in keys and not keys & {"prompt", "completion"}:
-      fields = ("", record["text"])
-    elif {"prompt", "completion"} <= keys and "text" not in keys:
-      fields = (record["prompt"], record["completion"])
-    else:
-      found = sorted(keys) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f'{path}, line {number}: expected an object with "text" or with '
-                       f'"prompt" and "completion"; found {found}')
-    if not all(isinstance(f, str) for f in fields):
-      raise ValueError(f"{path}, line {number}: the text fields must be strings")
-    examples.append(Example(*fields))
-  return examples
-
-
-def _plain(text: str, documents: str) -> list[Example]:
-  if documents == "file":
-    texts = [text]
-  elif documents == "paragraphs":
-    # Blank lines separate paragraphs; a paragraph keeps its indentation.
-    texts = [p.strip("\n") for p in re.split(r"\n(?:[ \t]*\n)+", text)]
-  else:
-    texts = text.split("\n")
-  return [Example("", t) for t in texts if t.strip()]
-
-
-def read_texts(paths: Paths, *, documents: str = "file") -> list[Example]:
-  """Reads examples from `.txt` and `.jsonl` files.
-
-  A JSONL line is an object with `"text"` (plain text) or with `"prompt"`
-  and `"completion"`; other keys are ignored and blank lines skipped. A text
-  file is one document, or with `documents` one per paragraph (separated by
-  blank lines) or per non-blank line. Plain text has the prompt `''`.
+  A JSONL line, Parquet row or dataset row has `"text"` (plain text),
+  `"prompt"` and `"completion"`, Alpaca's `"instruction"` and `"output"`
+  (and `"input"`), or chat `"messages"`; other keys are ignored and blank
+  JSONL lines skipped (`lora_jax.formats` has the details). A text file is
+  one document, or with `documents` one per paragraph (separated by blank
+  lines) or per non-blank line. Plain text has the prompt `''`.
 
   Args:
-    paths: a file, a directory (its `.txt` and `.jsonl` files, sorted by
-      name, not recursive) or a list of them, read in order.
+    paths: a file (`.txt`, `.jsonl`, `.parquet`), a directory written by
+      `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict`'s
+      `'train'` split), any other directory (its `.txt`, `.jsonl` and
+      `.parquet` files, sorted by name, not recursive) or a list of them,
+      read in order.
     documents: `'file'`, `'paragraphs'` or `'lines'`, for text files.
 
   Returns:
-    The examples, in file order.
+    `Example`s and `Chat`s, in file order.
 
   Raises:
     FileNotFoundError: naming a path that does not exist.
-    ValueError: for a malformed JSONL line (naming the file, the line number
-      and the keys found), a file that is not UTF-8, or no examples at all.
+    ValueError: for a malformed row (naming the file, the line number or
+      row, and the keys found), a file that is not UTF-8 or not Parquet, or
+      no examples at all.
+    ImportError: naming the `pip install` that a Parquet file (`pyarrow`)
+      or a saved dataset (`datasets`) needs.
   """
   if documents not in DOCUMENTS:
     raise ValueError(f"documents={documents!r}: must be one of {DOCUMENTS}")
-  files = _files(paths)
+  found = sources(paths)
   examples = []
-  for path in files:
-    try:
-      text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{path}: not UTF-8 ({e})") from None
-    examples += _jsonl(path, text) if path.suffix == ".jsonl" else _plain(text, documents)
+  for source in found:
+    examples += read_source(source, documents=documents)
   if not examples:
-    raise ValueError(f"no examples in {paths!s}: {len(files)} .txt/.jsonl files, all empty")
+    raise ValueError(f"no examples in {_describe(paths)}: {len(found)} files or datasets, "
+                     "all empty")
   return examples
 
 
-def tokenize(example: Example, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-  """`[BOS] + prompt + completion + [EOS]` and its loss mask, both int32.
+def _describe(paths: Paths) -> str:
+  if isinstance(paths, (str, os.PathLike)):
+    return str(paths)
+  return ", ".join(map(str, paths)) or "no paths"
 
-  The mask is 1 on the completion and `EOS`, 0 on `BOS` and the prompt: an
-  instruction tuned model learns to answer, not to ask. For plain text every
-  token but `BOS` counts.
+
+def _tokenizer_name(tokenizer: Any) -> str:
+  if isinstance(tokenizer, ByteTokenizer):
+    return "the byte tokenizer"
+  name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
+  return str(name) if name else f"the {type(tokenizer).__name__}"
+
+
+def _tokenize_chat(chat: Chat, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+  if getattr(tokenizer, "chat_template", None) is None:
+    raise ValueError(f"{chat.source}: a chat row needs a tokenizer with a chat template; "
+                     f"{_tokenizer_name(tokenizer)} has none")
+  if not callable(getattr(tokenizer, "chat_segments", None)):
+    raise ValueError(f"{chat.source}: {_tokenizer_name(tokenizer)} has a chat template but no "
+                     "chat_segments(messages) to render it")
+  try:
+    segments = list(tokenizer.chat_segments([dict(m) for m in chat.messages]))
+  except Exception as e:  # a template's own errors are about this row: say which
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    named = isinstance(e, ValueError) or detail == type(e).__name__
+    kind = "" if named else f"{type(e).__name__}: "
+    raise ValueError(f"{chat.source}: {kind}{detail}") from e
+  ids, mask = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+  for segment in segments:
+    if (not isinstance(segment, (tuple, list)) or len(segment) != 2
+        or not isinstance(segment[0], str) or not isinstance(segment[1], (bool, np.bool_))):
+      raise ValueError(f"{chat.source}: chat_segments must give (text, trained) pairs of a str "
+                       f"and a bool; got {segment!r:.80}")
+    piece = np.asarray(tokenizer.encode(segment[0]), np.int32).ravel()
+    ids.append(piece)
+    mask.append(np.full(len(piece), int(bool(segment[1])), np.int32))
+  return np.concatenate(ids), np.concatenate(mask)
+
+
+def tokenize(example: Example | Chat, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and loss mask, both int32, of an `Example` or a `Chat`.
+
+  An `Example` is `[BOS] + prompt + completion + [EOS]` (no `BOS` when the
+  tokenizer's is None). The mask is 1 on the completion and `EOS`, 0 on
+  `BOS` and the prompt: an instruction tuned model learns to answer, not to
+  ask. For plain text every token but `BOS` counts.
+
+  A `Chat` is its rendering by the tokenizer's chat template, which writes
+  its own special tokens: `tokenizer.chat_segments(messages)` cuts the
+  rendering into `(text, trained)` pieces, each piece is encoded on its
+  own, and the mask is 1 on the pieces of the assistant's replies.
 
   Args:
-    example: the texts.
-    tokenizer: has `encode(text) -> ids` and the ids `BOS` and `EOS`, like
-      `ByteTokenizer`.
+    example: the texts, or the conversation.
+    tokenizer: has `encode(text) -> ids` (adding no special tokens) and the
+      ids `BOS` (or None) and `EOS`, like `ByteTokenizer`; for a `Chat`
+      also a `chat_template` that is not None and
+      `chat_segments(messages) -> [(text, trained), ...]`.
+
+  Raises:
+    ValueError: for a `Chat`, naming its source: the tokenizer has no chat
+      template, or rendering the conversation failed.
   """
-  prompt = np.asarray(tokenizer.encode(example.prompt), np.int32)
-  completion = np.asarray(tokenizer.encode(example.completion), np.int32)
-  ids = np.concatenate([[tokenizer.BOS], prompt, completion, [tokenizer.EOS]]).astype(np.int32)
+  if isinstance(example, Chat):
+    return _tokenize_chat(example, tokenizer)
+  bos = getattr(tokenizer, "BOS", None)
+  start = [] if bos is None else [bos]
+  prompt = np.asarray(tokenizer.encode(example.prompt), np.int32).ravel()
+  completion = np.asarray(tokenizer.encode(example.completion), np.int32).ravel()
+  ids = np.concatenate([start, prompt, completion, [tokenizer.EOS]]).astype(np.int32)
   mask = np.zeros(len(ids), np.int32)
-  mask[1 + len(prompt):] = 1
+  mask[len(start) + len(prompt):] = 1
   return ids, mask
 
 
@@ -235,10 +235,21 @@ def pack(tokenized: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
 
 def load_dataset(paths: Paths, tokenizer: Any, seq_len: int, *, packing: bool = True,
                  documents: str = "file") -> dict[str, np.ndarray]:
-  """`read_texts`, `tokenize` and `pack`: rows ready for a `Loader`."""
+  """`read_texts`, `tokenize` and `pack`: rows ready for a `Loader`.
+
+  Raises:
+    ValueError: as `read_texts`, `tokenize` and `pack` do, and for rows
+      with no token to learn (every example empty, or its trained tokens
+      cut off by `seq_len`).
+  """
   examples = read_texts(paths, documents=documents)
-  return pack((tokenize(e, tokenizer) for e in examples), seq_len, packing=packing,
+  rows = pack((tokenize(e, tokenizer) for e in examples), seq_len, packing=packing,
               pad_id=tokenizer.PAD)
+  # A row's first token is context only, never predicted (see `pack`).
+  if not (rows["loss_mask"][:, 1:] * rows["attention_mask"][:, 1:]).any():
+    raise ValueError(f"no usable rows in {_describe(paths)}: the {len(examples)} examples give "
+                     f"no token to learn at seq_len={seq_len}")
+  return rows
 
 
 def _index(value: Any, name: str, low: int = 0) -> int:

@@ -29,18 +29,22 @@ def rows_of(n, seq_len=4):
 
 
 def test_module_imports_without_jax():
-  # Block jax and flax, then load data.py by file (the package __init__ imports jax).
+  # Block jax and flax, and stand in for the package (its __init__ imports jax) so that
+  # data.py and formats.py load on their own; pyarrow and datasets wait until a file needs them.
   code = (
-      "import importlib.util, sys\n"
+      "import sys, types\n"
       "class Block:\n"
       "  def find_spec(self, name, path=None, target=None):\n"
       "    if name.split('.')[0] in ('jax', 'flax'): raise ImportError(name)\n"
       "sys.meta_path.insert(0, Block())\n"
-      f"spec = importlib.util.spec_from_file_location('d', {str(Path(data.__file__))!r})\n"
-      "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-      "print(m.ByteTokenizer().decode(m.ByteTokenizer().encode('ok')))\n")
+      "package = types.ModuleType('lora_jax')\n"
+      f"package.__path__ = [{str(Path(data.__file__).parent)!r}]\n"
+      "sys.modules['lora_jax'] = package\n"
+      "import lora_jax.data as m\n"
+      "print(m.ByteTokenizer().decode(m.ByteTokenizer().encode('ok')))\n"
+      "print(sorted({n.split('.')[0] for n in sys.modules} & {'pyarrow', 'datasets'}))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "ok"
+  assert out.stdout.split("\n")[:2] == ["ok", "[]"]
 
 
 def test_tokenizer_round_trip_non_ascii():
@@ -276,3 +280,97 @@ def test_batches_feed_causal_lm_loss_on_the_mesh(tmp_path):
   # The weight counts the loss tokens a step sees: completions and EOS, never a row's first.
   assert float(weight) == (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum() > 0
   assert np.isfinite(float(loss))
+
+
+class ChatTokenizer:
+  """Bytes as ids and a tagged-turn chat template; the assistant's replies and their end learned."""
+
+  BOS, EOS, PAD = 256, 257, 258
+  chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+  name_or_path = "test/chat-tokenizer"
+
+  def encode(self, text):
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def chat_segments(self, messages):
+    segments = []
+    for m in messages:
+      if m["role"] not in ("system", "user", "assistant"):
+        raise ValueError(f"roles must be system, user or assistant, not {m['role']!r}")
+      learned = m["role"] == "assistant"
+      segments += [(f"<{m['role']}>", False), (m["content"], learned), ("</s>", learned)]
+    return segments
+
+
+def chat(*turns, source="c.jsonl, line 3"):
+  return data.Chat(tuple({"role": r, "content": c} for r, c in turns), source)
+
+
+def test_tokenize_chat_through_the_template_exact():
+  ids, mask = data.tokenize(chat(("user", "Hi"), ("assistant", "yo"), ("user", "?"),
+                                 ("assistant", "é")), ChatTokenizer())
+  learned = ["yo</s>", "é</s>"]
+  context = ["<user>Hi</s><assistant>", "<user>?</s><assistant>"]
+  assert ids.dtype == mask.dtype == np.int32
+  assert ids.tolist() == list("".join(c + l for c, l in zip(context, learned)).encode())
+  assert mask.tolist() == sum(([0] * len(c.encode()) + [1] * len(l.encode())
+                               for c, l in zip(context, learned)), [])  # no BOS, no EOS added
+
+
+def test_tokenize_chat_errors_name_the_source():
+  with pytest.raises(ValueError) as e:
+    data.tokenize(chat(("user", "Hi"), ("assistant", "yo")), TOK)
+  assert str(e.value) == ("c.jsonl, line 3: a chat row needs a tokenizer with a chat template; "
+                          "the byte tokenizer has none")
+  assert ByteTokenizer.chat_template is None
+
+  class NoTemplate(ChatTokenizer):
+    chat_template = None
+  with pytest.raises(ValueError, match="line 3: .*; test/chat-tokenizer has none"):
+    data.tokenize(chat(("assistant", "yo")), NoTemplate())
+  with pytest.raises(ValueError, match=r"^x\.parquet, row 4: roles must be .*, not 'tool'$"):
+    data.tokenize(chat(("tool", "{}"), ("assistant", "ok"), source="x.parquet, row 4"),
+                  ChatTokenizer())
+
+  class Broken(ChatTokenizer):
+    def chat_segments(self, messages):
+      return [("text", "yes")]
+  with pytest.raises(ValueError, match=r"line 3: chat_segments must give \(text, trained\) pairs"):
+    data.tokenize(chat(("assistant", "yo")), Broken())
+
+
+def test_tokenizer_without_bos():
+  class NoBos(ChatTokenizer):
+    BOS = None
+  ids, mask = data.tokenize(Example("Q", "ab"), NoBos())
+  assert ids.tolist() == [ord("Q"), ord("a"), ord("b"), EOS] and mask.tolist() == [0, 1, 1, 1]
+  ids, mask = data.tokenize(Example("", "hi"), NoBos())
+  assert ids.tolist() == [ord("h"), ord("i"), EOS] and mask.tolist() == [1, 1, 1]
+
+
+def test_load_dataset_mixes_examples_and_chats(tmp_path):
+  path = write_jsonl(tmp_path / "m.jsonl", [
+      {"text": "ab"}, {"messages": [{"role": "user", "content": "Q"},
+                                    {"role": "assistant", "content": "A"}]}])
+  rows = data.load_dataset(path, ChatTokenizer(), seq_len=32, packing=False)
+  chat_ids = list(b"<user>Q</s><assistant>A</s>")  # 22 tokens of context, then 'A</s>'
+  assert rows["input_ids"].tolist() == [[BOS, 97, 98, EOS] + [PAD] * 28,
+                                        chat_ids + [PAD] * 5]
+  assert rows["loss_mask"].tolist() == [[0, 1, 1, 1] + [0] * 28, [0] * 22 + [1] * 5 + [0] * 5]
+  with pytest.raises(ValueError, match=r"m\.jsonl, line 2: a chat row needs .*byte tokenizer"):
+    data.load_dataset(path, TOK, seq_len=8)
+
+
+def test_no_usable_rows(tmp_path):
+  path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a long prompt", "completion": "x"}])
+  with pytest.raises(ValueError, match=r"no usable rows in .*long\.jsonl: the 1 examples give"):
+    data.load_dataset(path, TOK, seq_len=4, packing=False)  # the completion is cut off
+
+  class EmptyReplies(ChatTokenizer):  # a template that learns the reply only, not its end
+    def chat_segments(self, messages):
+      return [(text, learned and text != "</s>")
+              for text, learned in super().chat_segments(messages)]
+  path = write_jsonl(tmp_path / "empty.jsonl",
+                     [{"messages": [{"role": "assistant", "content": ""}]}])
+  with pytest.raises(ValueError, match=r"no usable rows in .*empty\.jsonl"):
+    data.load_dataset([path], EmptyReplies(), seq_len=8)
