@@ -57,7 +57,13 @@ class ByteTokenizer:
 
   BOS, EOS, PAD = BOS, EOS, PAD
   vocab_size = 259
+  stop_ids = (EOS,)
   chat_template = None
+
+  def render_chat(self, messages, *, add_generation_prompt: bool = False) -> str:
+    """Raises: bytes have no chat template (use a checkpoint's tokenizer)."""
+    raise ValueError("the byte tokenizer has no chat template: chat needs a Hugging Face "
+                     "checkpoint's tokenizer")
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> np.ndarray:
     """The bytes of `text` as int32 ids, optionally between `BOS` and `EOS`."""

@@ -55,8 +55,8 @@ def test_info_lists_adapted_layers(capsys):
     (["train", *TINY, "mesh.data=2", "mesh.fsdp=8"], "needs 16 devices, but there are 8"),
     (["train", *TINY, "train.batch_size=12"], "batch_size=12 must divide by the data x fsdp"),
     (["train", "model.base=nowhere"], "nowhere is not a model directory"),
-    (["train", *TINY, "model.base=preset:tiny"], "its vocabulary (256) is smaller than the byte "
-     "tokenizer's 259 ids"),
+    (["train", *TINY, "model.base=preset:tiny"], "its vocabulary (256) is smaller than the 259 "
+     "ids of the byte tokenizer"),
     (["train", *TINY, "data.train=nothing.txt"], "nothing.txt"),
     (["generate", "--adapter", "no/adapter", "--base", "preset:tiny-byte"],
      "holds no lora_jax adapter checkpoint"),
