@@ -11,36 +11,34 @@ no transformers, torch or jax import:
   (`LlamaTokenizerFast` and the like) add BOS/EOS by `add_bos_token` /
   `add_eos_token`, other classes (`PreTrainedTokenizerFast`, Qwen's) by what
   the file's post-processor adds;
-- otherwise a SentencePiece `tokenizer.model` (needs `sentencepiece` and
-  `protobuf`, as transformers does), converted to a `tokenizers` model the way
-  transformers' `LlamaConverter` converts it for `LlamaTokenizerFast`,
-  `legacy` and `add_prefix_space` included.
+- otherwise a SentencePiece `tokenizer.model`, converted as
+  `lora_jax.hf.sentencepiece` converts it for `LlamaTokenizerFast`.
 
 Special tokens come from `tokenizer_config.json` and `special_tokens_map.json`
 (the latter counts only where the config has no `added_tokens_decoder`, as in
 transformers), the chat template from `chat_template.jinja` or the config's
-`chat_template`, extra stop ids from `generation_config.json`.
+`chat_template` (rendered by `lora_jax.hf.chat`), extra stop ids from
+`generation_config.json`.
 
 With `auto = AutoTokenizer.from_pretrained(directory)`:
 `encode(text, bos=True, eos=adds_eos)` equals `auto.encode(text)`,
 `encode(text)` equals `auto.encode(text, add_special_tokens=False)`,
 `decode(ids)` equals `auto.decode(ids, skip_special_tokens=True)` and
 `render_chat(messages, add_generation_prompt=g)` equals
-`auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=g)`
-(the same sandboxed Jinja environment, filters and globals).
+`auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=g)`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lora_jax.hf import chat, sentencepiece
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -61,7 +59,6 @@ _FLAG_CLASSES = {"LlamaTokenizer": (True, False), "CodeLlamaTokenizer": (True, F
 # LlamaTokenizer's special tokens where the files name none.
 _LLAMA_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-_SPIECE_UNDERLINE = "\u2581"
 
 
 def load_tokenizer(directory: str | Path) -> HFTokenizer:
@@ -232,8 +229,9 @@ class HFTokenizer:
     Returns:
       The rendered text (with the template's own BOS, where it writes one).
     """
-    _check_messages(messages, self.name)
-    return self._render(list(messages), add_generation_prompt)
+    chat.check_messages(messages, self.name)  # reported before a missing template
+    return chat.render(self._template(), messages, add_generation_prompt=add_generation_prompt,
+                       special_tokens=self._special_strings(), name=self.name)
 
   def chat_segments(self, messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, bool]]:
     """`render_chat(messages)` cut into pieces, each marked True if trained on.
@@ -253,37 +251,19 @@ class HFTokenizer:
         conversation as the extension of its beginning (it rewrites earlier
         turns), so the replies cannot be located.
     """
-    _check_messages(messages, self.name)
-    messages = list(messages)
-    full = self._render(messages, False)
-    segments, done = [], 0
-    for i, message in enumerate(messages):
-      if message["role"] != "assistant":
-        continue
-      before = self._render(messages[:i], True)
-      through = self._render(messages[:i + 1], False)
-      if not (through.startswith(before) and full.startswith(through) and len(before) >= done):
-        raise ValueError(f"{self.name}: the chat template does not render conversations "
-                         f"incrementally (message {i} changes what comes before it), so "
-                         "assistant tokens cannot be located")
-      segments += [(before[done:], False), (through[len(before):], True)]
-      done = len(through)
-    segments.append((full[done:], False))
-    return [(text, trained) for text, trained in segments if text]
+    chat.check_messages(messages, self.name)  # reported before a missing template
+    return chat.segments(self._template(), messages, special_tokens=self._special_strings(),
+                         name=self.name)
 
-  def _render(self, messages: list, add_generation_prompt: bool) -> str:
+  def _template(self) -> str:
     if self.chat_template is None:
       raise ValueError(f"{self.name}: has no chat_template (neither {CHAT_TEMPLATE_FILE} nor "
                        f"{TOKENIZER_CONFIG}'s chat_template)")
     _require("jinja2", f"{self.name}: rendering the chat template")
-    import jinja2
-    template = _compile(self.chat_template, self.name)
-    strings = {key: _content(value) for key, value in self._special.items()}
-    try:
-      return template.render(messages=messages, tools=None, documents=None,
-                             add_generation_prompt=add_generation_prompt, **strings)
-    except jinja2.TemplateError as error:
-      raise ValueError(f"{self.name}: the chat template failed: {error}") from None
+    return self.chat_template
+
+  def _special_strings(self) -> dict[str, str]:
+    return {key: _content(value) for key, value in self._special.items()}
 
 
 # --- files -------------------------------------------------------------------
@@ -472,72 +452,15 @@ def _post_processor_tokens(backend, eos: int, file: Path) -> tuple[int | None, b
 
 
 def _sentencepiece(file: Path, config: Mapping):
-  """transformers' LlamaConverter applied to a SentencePiece model."""
-  try:
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
-  except ImportError as error:
-    raise ImportError(f"{file}: reading a SentencePiece tokenizer needs sentencepiece and "
-                      f"protobuf: pip install sentencepiece protobuf ({error})") from None
+  """The SentencePiece model converted with the config's `legacy` and `add_prefix_space`."""
   _require("tokenizers", f"reading {file}")
-  from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
-  from tokenizers.models import BPE, Unigram
-  processor = sentencepiece.SentencePieceProcessor()
-  proto = sentencepiece_model_pb2.ModelProto()
-  try:
-    data = file.read_bytes()
-    processor.LoadFromSerializedProto(data)
-    proto.ParseFromString(data)
-  except Exception as error:  # both libraries raise their own errors
-    raise ValueError(f"{file}: not a SentencePiece model ({error})") from None
   legacy = _flag(config, "legacy", True, file.parent / TOKENIZER_CONFIG)
   # An explicit null turns the prefix off: transformers tests the value's truth.
   prefix = config.get("add_prefix_space", True)
   if prefix is not None and not isinstance(prefix, bool):
     raise ValueError(f"{file.parent / TOKENIZER_CONFIG}: add_prefix_space must be true, false or "
                      f"null, not {prefix!r}")
-  prefix = bool(prefix)
-
-  pieces = list(proto.pieces)
-  vocab = [(processor.id_to_piece(i), 0.0) for i in range(min(3, len(pieces)))]
-  vocab += [(piece.piece, piece.score) for piece in pieces[3:]]
-  model_type = proto.trainer_spec.model_type
-  if model_type == 1:  # unigram
-    model = Unigram(vocab, unk_id=0, byte_fallback=True)
-  elif model_type == 2:  # bpe
-    ranks = {processor.id_to_piece(i): i for i in range(processor.GetPieceSize())}
-    model = BPE({piece: i for i, (piece, _) in enumerate(vocab)}, _spm_merges(ranks, vocab),
-                unk_token=proto.trainer_spec.unk_piece, fuse_unk=True, byte_fallback=True,
-                dropout=None)
-  else:
-    raise ValueError(f"{file}: SentencePiece model type {model_type} is not supported "
-                     "(only unigram and BPE)")
-  backend = Tokenizer(model)
-  # Control (3) and user-defined (4) pieces are added tokens; control ones are special.
-  backend.add_tokens([AddedToken(piece.piece, normalized=False, special=piece.type == 3)
-                      for piece in pieces if piece.type in (3, 4)])
-  if legacy:
-    steps = [normalizers.Prepend(_SPIECE_UNDERLINE)] if prefix else []
-    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPIECE_UNDERLINE)])
-  else:
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=_SPIECE_UNDERLINE, prepend_scheme="first" if prefix else "never", split=False)
-  steps = [decoders.Replace(_SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
-  if prefix:
-    steps.append(decoders.Strip(content=" ", left=1))
-  backend.decoder = decoders.Sequence(steps)
-  return backend
-
-
-def _spm_merges(ranks: Mapping[str, int], vocab: list[tuple[str, float]]) -> list[tuple[str, str]]:
-  """BPE merges ordered by the merged piece's score, as transformers derives them."""
-  merges = []
-  for merged, score in dict(vocab).items():
-    local = [(merged[:i], merged[i:], score) for i in range(1, len(merged))
-             if merged[:i] in ranks and merged[i:] in ranks]
-    merges += sorted(local, key=lambda m: (ranks[m[0]], ranks[m[1]]))
-  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-  return [(left, right) for left, right, _ in merges]
+  return sentencepiece.convert(file, legacy=legacy, add_prefix_space=bool(prefix))
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -547,62 +470,3 @@ def _clean_up_tokenization(text: str) -> str:
                         (" 're", "'re")):
     text = text.replace(before, after)
   return text
-
-
-# --- chat templates ----------------------------------------------------------
-
-
-def _check_messages(messages: Any, name: str) -> None:
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise ValueError(f"{name}: messages must be a non-empty list of {{role, content}} dicts, "
-                     f"got {type(messages).__name__}" + (" (empty)" if messages == [] else ""))
-  for i, message in enumerate(messages):
-    if not isinstance(message, Mapping):
-      raise ValueError(f"{name}: message {i} is a {type(message).__name__}, not a dict")
-    for key in ("role", "content"):
-      if key not in message:
-        raise ValueError(f"{name}: message {i} has no {key!r}")
-      if not isinstance(message[key], str):
-        raise ValueError(f"{name}: message {i}'s {key!r} is a {type(message[key]).__name__}, "
-                         "not a string")
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(source: str, name: str):
-  """The template compiled as transformers' `_compile_jinja_template` does."""
-  import jinja2
-  import jinja2.ext
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-  class Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`: transformers' reply marker, kept as its body."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-      lineno = next(parser.stream).lineno
-      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-      return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-      return caller()
-
-  def raise_exception(message):
-    raise ValueError(f"{name}: the chat template refused the conversation: {message}")
-
-  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-  def strftime_now(format):  # noqa: A002 (the name templates use)
-    return datetime.now().strftime(format)
-
-  environment = ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
-  environment.filters["tojson"] = tojson
-  environment.globals["raise_exception"] = raise_exception
-  environment.globals["strftime_now"] = strftime_now
-  try:
-    return environment.from_string(source)
-  except jinja2.TemplateSyntaxError as error:
-    raise ValueError(f"{name}: the chat_template is not a valid Jinja template: {error}") from None
-
