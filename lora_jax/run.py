@@ -241,6 +241,20 @@ def _evaluator(model, step, rows, t, host_rows):
   return evaluate
 
 
+def _load_sharded(section: ModelSection, adapter: str | None) -> tuple[Any, ...]:
+  """The base over every device (fsdp), so models larger than one chip fit, with an
+  adapter replicated beside it: `(base, model, params, adapter config or None)`."""
+  base_model = bases.resolve(section)
+  mesh = sharding.make_mesh(1, -1, 1)
+  model, params = base_model.load(mesh)
+  if adapter is None:
+    return base_model, model, params, None
+  adapters, config = load_adapter(adapter, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  adapters = jax.device_put(adapters, replicated)
+  return base_model, model, combine(adapters, params), config
+
+
 def load_adapter(path: str, params: Any) -> tuple[Any, LoRAConfig]:
   """A lora_jax adapter directory, or a PEFT adapter directory, checked against `params`."""
   if (Path(path) / "adapter_config.json").is_file():
@@ -272,8 +286,7 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   Returns:
     The new text (without the prompt), special tokens removed.
   """
-  base_model = bases.resolve(section)
-  tokenizer = base_model.tokenizer()
+  tokenizer = bases.resolve(section).tokenizer()
   if chat:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
@@ -284,10 +297,9 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
       raise ValueError("a system message needs chat (--chat)")
     ids = tokenizer.encode(prompt, bos=True)
   ids = jnp.asarray(ids, jnp.int32)[None, :]
-  model, params = base_model.load()
-  if adapter is not None:
-    adapters, config = load_adapter(adapter, params)
-    model, params = inject(model, config), combine(adapters, params)
+  _, model, params, config = _load_sharded(section, adapter)
+  if config is not None:
+    model = inject(model, config)
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
                  stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
@@ -300,11 +312,8 @@ def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: st
                   ) -> Path:
   """Base + adapter folded into a new model of the base's kind (a Hugging Face
   checkpoint with its tokenizer files for Hugging Face bases)."""
-  base_model = bases.resolve(section)
-  _, params = base_model.load()
-  adapters, config = load_adapter(adapter, params)
-  return base_model.save(output, merge(combine(adapters, params), config, dtype=dtype),
-                         dtype=dtype)
+  base_model, _, params, config = _load_sharded(section, adapter)
+  return base_model.save(output, merge(params, config, dtype=dtype), dtype=dtype)
 
 
 def describe(cfg: RunConfig) -> dict[str, Any]:

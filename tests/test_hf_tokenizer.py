@@ -199,6 +199,18 @@ def test_template_features_match_transformers(dirs, tmp_path):
   assert load_tokenizer(path).render_chat(MESSAGES[:1]) == "ignored"
 
 
+def test_additional_special_tokens_reach_the_template(dirs, tmp_path):
+  """A list-valued special token renders as transformers renders it (a list of strings)."""
+  template = ("{{ additional_special_tokens | join(',') }}|{{ additional_special_tokens[0] }}"
+              "{% for m in messages %}{{ m.content }}{% endfor %}")
+  path = edit_config(shutil.copytree(dirs["bpe"], tmp_path / "bpe"), chat_template=template,
+                     additional_special_tokens=["<|eot_id|>", "<|start_header_id|>"])
+  tok, auto = load_tokenizer(path), auto_tokenizer(path)
+  rendered = tok.render_chat(MESSAGES[:1])
+  assert rendered == auto.apply_chat_template(MESSAGES[:1], tokenize=False)
+  assert rendered.startswith("<|eot_id|>,<|start_header_id|>|<|eot_id|>")
+
+
 def test_chat_errors(dirs, tmp_path, pairs):
   tok, _ = pairs["bpe"]
   with pytest.raises(ValueError, match="sentencepiece.*has no chat_template"):

@@ -262,8 +262,10 @@ class HFTokenizer:
     _require("jinja2", f"{self.name}: rendering the chat template")
     return self.chat_template
 
-  def _special_strings(self) -> dict[str, str]:
-    return {key: _content(value) for key, value in self._special.items()}
+  def _special_strings(self) -> dict[str, str | list[str]]:
+    # additional_special_tokens is a list of tokens; the others are one token each.
+    return {key: [_content(v) for v in value] if isinstance(value, list) else _content(value)
+            for key, value in self._special.items()}
 
 
 # --- files -------------------------------------------------------------------
