@@ -90,3 +90,36 @@ def test_default_run_on_the_shipped_model_learns(tmp_path, capsys):
   assert code == 0
   before, after = (float(x) for x in out.split("eval loss: ")[1].split()[::2][:2])
   assert after < before - 0.3
+
+
+def test_a_model_directory_run_writes_no_peft_adapter_unless_asked(finished_run):
+  assert not (finished_run / "peft").exists()
+
+
+def test_export_settings_have_their_effect(tmp_path):
+  """export.peft / merged / merged_dtype / base_model_name_or_path, on a preset base."""
+  import json
+
+  import jax
+  import jax.numpy as jnp
+
+  import lora_jax as lj
+  from lora_jax import bases, recipe
+  from lora_jax.models.llama import Llama
+  cfg = recipe.load(None, ["model.base=preset:tiny-byte", "lora.targets=[q_proj]",
+                           "export.peft=true", "export.merged=true",
+                           "export.merged_dtype=bfloat16",
+                           "export.base_model_name_or_path=org/tiny"])
+  base_model = bases.resolve(cfg.model)
+  model = lj.inject(Llama(base_model.config), cfg.lora)
+  _, base = base_model.load()
+  params = lj.init_adapters(model, base, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  written = run._export(cfg, base_model, params, cfg.lora, tmp_path)
+  assert set(written) == {"adapter", "peft", "merged"}
+  peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert peft["base_model_name_or_path"] == "org/tiny"
+  import orbax.checkpoint as ocp
+  stored = ocp.StandardCheckpointer().metadata(tmp_path / "merged" / "params").item_metadata
+  assert {x.dtype for x in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
+  off = recipe.load(None, ["model.base=preset:tiny-byte", "export.merged=false"])
+  assert set(run._export(off, base_model, params, cfg.lora, tmp_path / "off")) == {"adapter"}

@@ -218,3 +218,16 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, chat_file, wrong_inputs, tmp_pat
                           f"output_dir={tmp_path / 'out'}", *ARGS)
   assert code == 2 and len(err.strip().splitlines()) == 1, err
   assert message in err, err
+
+
+def test_model_tokenizer_names_another_directory(ckpt, tmp_path):
+  weights_only = tmp_path / "weights-only"
+  weights_only.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    (weights_only / name).write_bytes((ckpt / name).read_bytes())
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    run.generate_text(ModelSection(base=f"hf:{weights_only}"), QUESTION, max_new_tokens=4)
+  borrowed = run.generate_text(ModelSection(base=f"hf:{weights_only}", tokenizer=str(ckpt)),
+                               QUESTION, chat=True, max_new_tokens=8)
+  assert borrowed == run.generate_text(ModelSection(base=f"hf:{ckpt}"), QUESTION, chat=True,
+                                       max_new_tokens=8)
