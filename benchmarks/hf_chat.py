@@ -32,26 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def chat_rows() -> list[dict]:
-  """Devil's Dictionary entries as chat turns."""
-  from lora_jax import bases
-  text = (bases.ASSETS / "corpora" / "devil.txt").read_text()
-  rows = []
-  for entry in re.split(r"\n\s*\n", text):
-    match = re.match(r"([A-Z][A-Z' -]+), (\w+\.)\s+(.*)", " ".join(entry.split()))
-    if match:
-      rows.append({"messages": [
-          {"role": "user", "content": f"Define {match[1]}."},
-          {"role": "assistant", "content": f"{match[2]} {match[3][:200]}"}]})
-  return rows
-
-
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--workdir", help="where to build (default: a temporary directory)")
   args = p.parse_args(argv)
-  from tiny_hf import make_checkpoint
+  from tiny_hf import chat_rows, make_checkpoint
 
   from lora_jax import cli
 

@@ -82,14 +82,14 @@ class Base:
   def tokenizer(self) -> Any:
     """The tokenizer, checked against the model's vocabulary."""
     if self.tokenizer_dir is None:
-      tok, name = data.ByteTokenizer(), "byte tokenizer"
+      tok, name = data.ByteTokenizer(), "the byte tokenizer"
     else:
       from lora_jax.hf.tokenizer import load_tokenizer
-      tok, name = load_tokenizer(self.tokenizer_dir), f"tokenizer of {self.tokenizer_dir}"
+      tok, name = load_tokenizer(self.tokenizer_dir), f"the tokenizer in {self.tokenizer_dir}"
     if self.config.vocab_size < tok.vocab_size:  # larger ids would embed as NaN
       raise ValueError(
           f"model.base={self.spec}: its vocabulary ({self.config.vocab_size}) is smaller than "
-          f"the {name}'s {tok.vocab_size} ids; use the model's own tokenizer"
+          f"the {tok.vocab_size} ids of {name}; use the model's own tokenizer"
           + (" or a byte-level model (preset:tiny-byte, or a model lora-jax made)"
              if self.tokenizer_dir is None else ""))
     return tok

@@ -110,7 +110,11 @@ def _strings(source: str, row: Mapping, keys: Sequence[str]) -> list[str]:
   return [row[key] for key in keys]
 
 
-def _chat(source: str, messages: Any) -> Chat:
+def check_messages(messages: Any, source: str) -> None:
+  """Raises `ValueError`, prefixed by `source`, naming the first malformed message.
+
+  A conversation is a non-empty list of dicts with string `role` and `content`.
+  """
   shape = 'a non-empty list of {"role": ..., "content": ...} objects'
   if not isinstance(messages, (list, tuple)) or not messages:
     found = "an empty list" if isinstance(messages, (list, tuple)) else _type(messages)
@@ -124,6 +128,10 @@ def _chat(source: str, messages: Any) -> Chat:
       if not isinstance(message[key], str):
         raise ValueError(f'{source}: messages[{i}]["{key}"] is {_type(message[key])}, '
                          "not a string")
+
+
+def _chat(source: str, messages: Any) -> Chat:
+  check_messages(messages, source)
   roles = [m["role"] for m in messages]
   if "assistant" not in roles:
     raise ValueError(f'{source}: no message has the role "assistant", so there is nothing to '

@@ -14,6 +14,7 @@ import torch
 import transformers
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
+import tiny_hf
 from tiny_hf import make_checkpoint
 
 import lora_jax as lj
@@ -34,17 +35,7 @@ def lora_jax(*argv) -> tuple[int, str, str]:
 
 
 def chat_rows(n: int) -> list[dict]:
-  """Devil's Dictionary entries as chat: the user names a word, the assistant defines it."""
-  text = (bases.ASSETS / "corpora" / "devil.txt").read_text()
-  rows = []
-  for entry in re.split(r"\n\s*\n", text):
-    match = re.match(r"([A-Z][A-Z' -]+), (\w+\.)\s+(.*)", " ".join(entry.split()))
-    if match:
-      rows.append({"messages": [
-          {"role": "system", "content": "You are a cynical lexicographer."},
-          {"role": "user", "content": f"Define {match[1]}."},
-          {"role": "assistant", "content": f"{match[2]} {match[3][:160]}"}]})
-  return rows[:n]
+  return tiny_hf.chat_rows(system="You are a cynical lexicographer.")[:n]
 
 
 @pytest.fixture(scope="module")

@@ -215,10 +215,10 @@ def test_chat_errors(dirs, tmp_path, pairs):
   tok, _ = pairs["bpe"]
   with pytest.raises(ValueError, match="sentencepiece.*has no chat_template"):
     pairs["sentencepiece"][0].render_chat(MESSAGES)
-  bad = [([], "non-empty list"), ("hi", "non-empty list"), (["hi"], "message 0 is a str"),
-         ([{"content": "x"}], "message 0 has no 'role'"),
+  bad = [([], "non-empty list"), ("hi", "non-empty list"), (["hi"], r"messages\[0\] is str"),
+         ([{"content": "x"}], 'messages\\[0\\] has no "role"'),
          ([{"role": "user", "content": "x"}, {"role": "assistant", "content": ["x"]}],
-          "message 1's 'content' is a list")]
+          'messages\\[1\\]\\["content"\\] is list')]
   for messages, message in bad:
     for call in (tok.render_chat, tok.chat_segments):
       with pytest.raises(ValueError, match=message):

@@ -30,12 +30,12 @@ DEFAULT_VOCAB = {"bpe": 300, "sentencepiece": 400}
 MODEL_MAX_LENGTH = 256
 
 
-def corpus_lines() -> list[str]:
-  """The non-empty lines of the shipped `devil.txt` corpus."""
+def corpus_lines(keep_blank: bool = False) -> list[str]:
+  """The non-empty (or, with `keep_blank`, all) lines of the shipped `devil.txt` corpus."""
   # The package's location without importing it (and jax with it).
   package = Path(importlib.util.find_spec("lora_jax").submodule_search_locations[0])
   text = (package / "assets" / "corpora" / "devil.txt").read_text(encoding="utf-8")
-  return [line for line in text.splitlines() if line.strip()]
+  return [line for line in text.splitlines() if keep_blank or line.strip()]
 
 
 def make_tokenizer(directory: str | Path, kind: str = "bpe", vocab_size: int | None = None) -> Path:
@@ -154,3 +154,17 @@ def _sentencepiece(path: Path, vocab_size: int) -> dict:
       "model_max_length": MODEL_MAX_LENGTH})
   _write_json(path / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
   return dict(vocab_size=vocab_size, bos=1, eos=[2])
+
+
+def chat_rows(system: str | None = None) -> list[dict]:
+  """The Devil's Dictionary as chat rows: the user names a word, the assistant defines it."""
+  import re
+  rows = []
+  for entry in re.split(r"\n\s*\n", "\n".join(corpus_lines(keep_blank=True))):
+    match = re.match(r"([A-Z][A-Z' -]+), (\w+\.)\s+(.*)", " ".join(entry.split()))
+    if match:
+      turns = [{"role": "user", "content": f"Define {match[1]}."},
+               {"role": "assistant", "content": f"{match[2]} {match[3][:200]}"}]
+      rows.append({"messages": ([{"role": "system", "content": system}] if system else [])
+                   + turns})
+  return rows

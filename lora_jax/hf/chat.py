@@ -23,29 +23,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-
-def check_messages(messages: Any, name: str) -> None:
-  """Checks that `messages` is a non-empty list of string `role`/`content` dicts.
-
-  Args:
-    messages: the conversation.
-    name: what the messages are for (a checkpoint directory), for messages.
-
-  Raises:
-    ValueError: naming the first malformed message.
-  """
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise ValueError(f"{name}: messages must be a non-empty list of {{role, content}} dicts, "
-                     f"got {type(messages).__name__}" + (" (empty)" if messages == [] else ""))
-  for i, message in enumerate(messages):
-    if not isinstance(message, Mapping):
-      raise ValueError(f"{name}: message {i} is a {type(message).__name__}, not a dict")
-    for key in ("role", "content"):
-      if key not in message:
-        raise ValueError(f"{name}: message {i} has no {key!r}")
-      if not isinstance(message[key], str):
-        raise ValueError(f"{name}: message {i}'s {key!r} is a {type(message[key]).__name__}, "
-                         "not a string")
+from lora_jax import formats
 
 
 def render(template: str, messages: Sequence[Mapping[str, Any]], *,
@@ -69,7 +47,7 @@ def render(template: str, messages: Sequence[Mapping[str, Any]], *,
     ValueError: malformed messages, an invalid template, or one that fails or
       refuses the conversation (`raise_exception`).
   """
-  check_messages(messages, name)
+  formats.check_messages(messages, name)
   return _render(template, list(messages), add_generation_prompt, special_tokens or {}, name)
 
 
@@ -96,7 +74,7 @@ def segments(template: str, messages: Sequence[Mapping[str, Any]], *,
       conversation as the extension of its beginning (it rewrites earlier
       turns), so the replies cannot be located.
   """
-  check_messages(messages, name)
+  formats.check_messages(messages, name)
   messages, strings = list(messages), special_tokens or {}
   full = _render(template, messages, False, strings, name)
   pieces, done = [], 0

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax import formats
 from lora_jax.hf import chat, sentencepiece
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -229,7 +230,7 @@ class HFTokenizer:
     Returns:
       The rendered text (with the template's own BOS, where it writes one).
     """
-    chat.check_messages(messages, self.name)  # reported before a missing template
+    formats.check_messages(messages, self.name)  # reported before a missing template
     return chat.render(self._template(), messages, add_generation_prompt=add_generation_prompt,
                        special_tokens=self._special_strings(), name=self.name)
 
@@ -251,7 +252,7 @@ class HFTokenizer:
         conversation as the extension of its beginning (it rewrites earlier
         turns), so the replies cannot be located.
     """
-    chat.check_messages(messages, self.name)  # reported before a missing template
+    formats.check_messages(messages, self.name)  # reported before a missing template
     return chat.segments(self._template(), messages, special_tokens=self._special_strings(),
                          name=self.name)
 
