@@ -7,10 +7,13 @@ A row is a mapping, and its keys say what it is:
   prompt: `Example(prompt, completion)`.
 * Alpaca, `instruction` and `output` with an optional `input`: the prompt
   is the Stanford Alpaca template around the instruction (and the input,
-  unless it is empty), the completion is the output.
+  unless it is empty), the completion is the output. A `text` beside them
+  (tatsu-lab/alpaca's rendering of the same example) is ignored.
 * Chat, `messages`: a list of `{'role': ..., 'content': ...}` with at least
   one `'assistant'` message: a `Chat`, which the tokenizer's chat template
   renders and whose assistant replies are learned (see `data.tokenize`).
+* ShareGPT, `conversations`: a list of `{'from': ..., 'value': ...}` with
+  `from` one of `system`, `human`/`user`, `gpt`/`assistant`: the same `Chat`.
 
 Other keys (`id`, `source`, `metadata`, ...) are ignored. A row with the keys
 of no format, or of several (say `text` and `messages`), is an error naming
@@ -69,10 +72,15 @@ FORMATS = {
     "prompt/completion": ({"prompt", "completion"}, set()),
     "alpaca": ({"instruction", "output"}, {"input"}),
     "chat": ({"messages"}, set()),
+    "sharegpt": ({"conversations"}, set()),
 }
+# ShareGPT's speakers as chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 _KEYS = set().union(*(required | optional for required, optional in FORMATS.values()))
 _EXPECTED = ('expected an object with "text", with "prompt" and "completion", with '
-             '"instruction" and "output" (and an optional "input"), or with "messages"')
+             '"instruction" and "output" (and an optional "input"), with "messages", or with '
+             '"conversations"')
 
 
 class Example(NamedTuple):
@@ -164,6 +172,8 @@ def parse_row(row: Any, source: str) -> Row:
   known = keys & _KEYS
   matched = [name for name, (required, _) in FORMATS.items() if required <= known]
   found = sorted(map(str, keys))
+  if matched == ["text", "alpaca"]:  # tatsu-lab/alpaca: `text` renders the same example
+    matched, known = ["alpaca"], known - {"text"}
   if len(matched) > 1:
     raise ValueError(f"{source}: the row has the keys of several formats ({', '.join(matched)}); "
                      f"keep one format's keys; found {found}")
@@ -186,7 +196,26 @@ def parse_row(row: Any, source: str) -> Row:
     else:
       prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
     return Example(prompt, output)
+  if name == "sharegpt":
+    return _chat(source, _sharegpt(source, row["conversations"]))
   return _chat(source, row["messages"])
+
+
+def _sharegpt(source: str, turns: Any) -> list[dict]:
+  """ShareGPT `conversations` as chat messages."""
+  if not isinstance(turns, (list, tuple)) or not turns:
+    raise ValueError(f'{source}: "conversations" must be a non-empty list of '
+                     '{"from": ..., "value": ...} objects')
+  messages = []
+  for i, turn in enumerate(turns):
+    if not isinstance(turn, Mapping) or not {"from", "value"} <= set(turn):
+      raise ValueError(f'{source}: conversations[{i}] needs "from" and "value"; found '
+                       f"{sorted(turn) if isinstance(turn, Mapping) else _type(turn)}")
+    if turn["from"] not in SHAREGPT_ROLES:
+      raise ValueError(f'{source}: conversations[{i}] is from {turn["from"]!r}; expected one '
+                       f"of {sorted(SHAREGPT_ROLES)}")
+    messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+  return messages
 
 
 def _jsonl(path: Path, text: str) -> list[Row]:

@@ -55,7 +55,8 @@ class DataSection:
       `datasets`' `save_to_disk`, or `builtin:devil` / `builtin:kjv` for the
       shipped corpora. JSONL/Parquet rows hold `text`, `prompt` and
       `completion`, Alpaca's `instruction`/`input`/`output`, or chat
-      `messages` (rendered with the tokenizer's chat template); the loss
+      `messages` or ShareGPT `conversations` (rendered with the tokenizer's
+      chat template); the loss
       counts only completions and assistant replies (see `lora_jax.formats`).
     eval: held-out data in the same forms; empty: `eval_fraction` of train.
     eval_fraction: share of the training rows held out when `eval` is empty.

@@ -51,14 +51,17 @@ def test_each_format_from_jsonl(tmp_path):
 @pytest.mark.parametrize("row, message", [
     ({"text": "a", "messages": HELLO},
      r"several formats \(text, chat\); keep one format's keys; found \['messages', 'text'\]"),
-    ({"text": "a", "instruction": "b", "input": "", "output": "c"},
-     r"several formats \(text, alpaca\).*\['input', 'instruction', 'output', 'text'\]"),
+    ({"text": "a", "instruction": "b", "output": "c", "messages": HELLO},
+     r"several formats \(text, alpaca, chat\)"),
     ({"prompt": "a", "completion": "b", "instruction": "c", "output": "d"}, "several formats"),
     ({"text": "a", "input": "b"}, r"text row with \['input'\] besides.*\['input', 'text'\]"),
     ({"messages": HELLO, "prompt": "p"},
      r"chat row with \['prompt'\] besides is ambiguous; found \['messages', 'prompt'\]"),
     ({"instruction": "only", "id": 2}, r"expected an object.*found \['id', 'instruction'\]"),
-    ({"conversations": []}, r"found \['conversations'\]"),
+    ({"conversations": []}, r'"conversations" must be a non-empty list'),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, r"from 'bot'; expected one of"),
+    ({"conversations": [{"from": "human"}]}, r'conversations\[0\] needs "from" and "value"'),
+    ({"conversations": [{"from": "human", "value": "hi"}]}, "no message has the role"),
     ({}, r"found \[\]"),
     (["a", "list"], "found list"),
     ('"a string"', "found str"),
@@ -175,3 +178,15 @@ def test_read_source_arguments(tmp_path):
     formats.read_source(tmp_path / "a.md")
   with pytest.raises(ValueError, match="documents"):
     formats.read_source(tmp_path / "a.md", documents="pages")
+
+
+def test_alpaca_beside_its_text_rendering_and_sharegpt(tmp_path):
+  """tatsu-lab/alpaca's rows carry `text` too; ShareGPT rows become chats."""
+  path = write_jsonl(tmp_path / "more.jsonl", [
+      {"instruction": "Translate.", "input": "chat", "output": "cat", "text": "rendered"},
+      {"conversations": [{"from": "system", "value": "Be brief."},
+                         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+  ])
+  rows = data.read_texts(path)
+  assert rows[0] == Example(ALPACA_WITH_INPUT, "cat")
+  assert rows[1] == Chat(tuple(HELLO), f"{path}, line 2")
