@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 import tiny_hf
 from tiny_hf import make_checkpoint
@@ -222,3 +223,19 @@ def test_model_tokenizer_names_another_directory(ckpt, tmp_path):
                                QUESTION, chat=True, max_new_tokens=8)
   assert borrowed == run.generate_text(ModelSection(base=f"hf:{ckpt}"), QUESTION, chat=True,
                                        max_new_tokens=8)
+
+
+def test_merge_keeps_the_checkpoint_dtype(ckpt, finished, tmp_path):
+  """A bfloat16 checkpoint merges to bfloat16 safetensors, whatever dtype the run computed in."""
+  half = tmp_path / "bf16"
+  torch_model(ckpt).to(torch.bfloat16).save_pretrained(half, safe_serialization=True)
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    (half / name).write_bytes((ckpt / name).read_bytes())
+  code, stdout, err = lora_jax("merge", "--base", f"hf:{half}", "--adapter",
+                               str(finished[0] / "peft"), "--output", str(tmp_path / "merged"))
+  assert code == 0, err
+  merged = tmp_path / "merged"
+  assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  with safe_open(merged / "model.safetensors", "pt") as f:
+    assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+  assert (merged / "tokenizer.json").is_file()
