@@ -32,7 +32,6 @@ from lora_jax.recipe import ModelSection, RunConfig
 from lora_jax.tree import combine, count, merge
 
 
-
 def corpus_paths(specs) -> list[Path]:
   """Paths of data specs; `builtin:NAME` is a shipped corpus."""
   out = []

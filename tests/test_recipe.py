@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import lora_jax as lj
-from lora_jax import bases, recipe, run, sharding
+from lora_jax import bases, recipe, sharding
 from lora_jax.models.llama import Llama
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
