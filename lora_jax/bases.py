@@ -66,7 +66,8 @@ class Base:
   def name_or_path(self) -> str:
     """The checkpoint's own name (`_name_or_path` in `config.json`), else its path."""
     if self.kind == "hf":
-      recorded = json.loads((self.path / "config.json").read_text()).get("_name_or_path")
+      from lora_jax.hf.llama import read_config
+      recorded = read_config(self.path).get("_name_or_path")
       if recorded:
         return str(recorded)
     return str(self.path) if self.path is not None else self.spec
@@ -76,7 +77,8 @@ class Base:
     """The dtype a Hugging Face checkpoint stores its weights in (`torch_dtype`)."""
     if self.kind != "hf":
       return None
-    hf = json.loads((self.path / "config.json").read_text())
+    from lora_jax.hf.llama import read_config
+    hf = read_config(self.path)
     return hf.get("torch_dtype") or hf.get("dtype")
 
   def tokenizer(self) -> Any:
@@ -132,8 +134,11 @@ class Base:
                       overwrite=overwrite)
     if jax.process_index() == 0:
       for name in TOKENIZER_FILES:
-        if (self.tokenizer_dir / name).is_file():
-          shutil.copy2(self.tokenizer_dir / name, path / name)
+        source = self.tokenizer_dir / name
+        if name == "generation_config.json" and (self.path / name).is_file():
+          source = self.path / name  # the checkpoint's own, even with another's tokenizer
+        if source.is_file():
+          shutil.copy2(source, path / name)
     return path
 
 
@@ -147,7 +152,7 @@ def resolve(section: Any) -> Base:
   """
   options = {k: getattr(section, k) for k in RUN_OPTIONS}
   spec = section.base
-  tokenizer = Path(section.tokenizer).resolve() if section.tokenizer else None
+  tokenizer = Path(section.tokenizer).expanduser().resolve() if section.tokenizer else None
   if spec.startswith("preset:"):
     return Base(spec, "preset", None, config_for(spec.split(":", 1)[1], **options), tokenizer)
   if spec.startswith("builtin:"):
@@ -155,14 +160,14 @@ def resolve(section: Any) -> Base:
     if not (path / "model.json").is_file():
       raise FileNotFoundError(f"no built-in model '{spec}' (there is builtin:tiny-kjv)")
   else:
-    path = Path(spec.removeprefix("hf:")).resolve()
+    path = Path(spec.removeprefix("hf:")).expanduser().resolve()
   if spec.startswith("hf:") or not (path / "model.json").is_file():
     if not (path / "config.json").is_file():
       what = "a Hugging Face checkpoint" if spec.startswith("hf:") else "a model directory"
       raise FileNotFoundError(f"{path} is not {what} (no config.json"
                               + ("" if spec.startswith("hf:") else " or model.json") + ")")
-    from lora_jax.hf.llama import llama_config
-    config = llama_config(json.loads((path / "config.json").read_text()), **options)
+    from lora_jax.hf.llama import llama_config, read_config
+    config = llama_config(read_config(path), **options)
     return Base(spec, "hf", path, config, tokenizer or path)
   described = json.loads((path / "model.json").read_text())["llama"]
   return Base(spec, "model", path, LlamaConfig(**{**described, **options}), tokenizer)

@@ -17,7 +17,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+# ImportError: an optional dependency the input needs (pyarrow, sentencepiece), named.
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ depends only on the seed, so the hosts' rows together are the one-host batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class ByteTokenizer:
 
   BOS, EOS, PAD = BOS, EOS, PAD
   vocab_size = 259
+  name = "the byte tokenizer"
   stop_ids = (EOS,)
   chat_template = None
 
@@ -69,6 +70,13 @@ class ByteTokenizer:
     """The bytes of `text` as int32 ids, optionally between `BOS` and `EOS`."""
     ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
     return np.concatenate([[BOS]] * bos + [ids] + [[EOS]] * eos).astype(np.int32)
+
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """`encode(text)` and each id's `(start, end)` character span in `text`."""
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    widths = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)  # UTF-8 bytes
+    starts = np.repeat(np.arange(len(points)), widths)
+    return self.encode(text), np.stack([starts, starts + 1], axis=1)
 
   def decode(self, ids: Iterable[int]) -> str:
     """The text of `ids`, skipping special ids; invalid UTF-8 becomes U+FFFD.
@@ -131,9 +139,7 @@ def _describe(paths: Paths) -> str:
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
-  if isinstance(tokenizer, ByteTokenizer):
-    return "the byte tokenizer"
-  name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
+  name = getattr(tokenizer, "name", None)
   return str(name) if name else f"the {type(tokenizer).__name__}"
 
 
@@ -151,16 +157,36 @@ def _tokenize_chat(chat: Chat, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     named = isinstance(e, ValueError) or detail == type(e).__name__
     kind = "" if named else f"{type(e).__name__}: "
     raise ValueError(f"{chat.source}: {kind}{detail}") from e
-  ids, mask = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
   for segment in segments:
     if (not isinstance(segment, (tuple, list)) or len(segment) != 2
         or not isinstance(segment[0], str) or not isinstance(segment[1], (bool, np.bool_))):
       raise ValueError(f"{chat.source}: chat_segments must give (text, trained) pairs of a str "
                        f"and a bool; got {segment!r:.80}")
-    piece = np.asarray(tokenizer.encode(segment[0]), np.int32).ravel()
-    ids.append(piece)
-    mask.append(np.full(len(piece), int(bool(segment[1])), np.int32))
-  return np.concatenate(ids), np.concatenate(mask)
+  return _encode_marked(tokenizer, segments)
+
+
+def _encode_marked(tokenizer: Any, pieces: Sequence[tuple[str, bool]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The ids of the pieces' text, encoded in one call, and a mask of the trained ones.
+
+  One call, not one per piece: tokenizers that mark the start of a text
+  (SentencePiece's leading '▁') or merge across a boundary give the ids the
+  model sees when the whole text is encoded at inference. A token is trained
+  when its characters overlap a trained piece, so one that straddles the
+  boundary into a reply (' n' of '[/INST]' + ' n.') belongs to the reply.
+  """
+  text = "".join(piece for piece, _ in pieces)
+  ids, spans = tokenizer.encode_offsets(text)
+  ids, spans = np.asarray(ids, np.int32).ravel(), np.asarray(spans, np.int64).reshape(-1, 2)
+  trained = np.zeros(len(text), np.int64)
+  start = 0
+  for piece, learned in pieces:
+    trained[start:start + len(piece)] = bool(learned)
+    start += len(piece)
+  seen = np.concatenate([[0], np.cumsum(trained)])  # trained characters before each position
+  first = np.clip(spans[:, 0], 0, len(text))
+  last = np.clip(np.maximum(spans[:, 1], spans[:, 0] + 1), 0, len(text))
+  return ids, (seen[last] - seen[first] > 0).astype(np.int32)
 
 
 def tokenize(example: Example | Chat, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -173,15 +199,19 @@ def tokenize(example: Example | Chat, tokenizer: Any) -> tuple[np.ndarray, np.nd
 
   A `Chat` is its rendering by the tokenizer's chat template, which writes
   its own special tokens: `tokenizer.chat_segments(messages)` cuts the
-  rendering into `(text, trained)` pieces, each piece is encoded on its
-  own, and the mask is 1 on the pieces of the assistant's replies.
+  rendering into `(text, trained)` pieces, and the mask is 1 on the tokens
+  of the assistant's replies.
+
+  Either way the whole text is encoded in one call, as at inference, and a
+  token is learned when its characters overlap learned text (so a token
+  straddling the prompt's end and the completion's start is learned).
 
   Args:
     example: the texts, or the conversation.
-    tokenizer: has `encode(text) -> ids` (adding no special tokens) and the
-      ids `BOS` (or None) and `EOS`, like `ByteTokenizer`; for a `Chat`
-      also a `chat_template` that is not None and
-      `chat_segments(messages) -> [(text, trained), ...]`.
+    tokenizer: has `encode_offsets(text) -> (ids, (start, end) character
+      spans)` (adding no special tokens) and the ids `BOS` (or None) and
+      `EOS`, like `ByteTokenizer`; for a `Chat` also a `chat_template` that
+      is not None and `chat_segments(messages) -> [(text, trained), ...]`.
 
   Raises:
     ValueError: for a `Chat`, naming its source: the tokenizer has no chat
@@ -191,12 +221,9 @@ def tokenize(example: Example | Chat, tokenizer: Any) -> tuple[np.ndarray, np.nd
     return _tokenize_chat(example, tokenizer)
   bos = getattr(tokenizer, "BOS", None)
   start = [] if bos is None else [bos]
-  prompt = np.asarray(tokenizer.encode(example.prompt), np.int32).ravel()
-  completion = np.asarray(tokenizer.encode(example.completion), np.int32).ravel()
-  ids = np.concatenate([start, prompt, completion, [tokenizer.EOS]]).astype(np.int32)
-  mask = np.zeros(len(ids), np.int32)
-  mask[len(start) + len(prompt):] = 1
-  return ids, mask
+  ids, mask = _encode_marked(tokenizer, [(example.prompt, False), (example.completion, True)])
+  return (np.concatenate([start, ids, [tokenizer.EOS]]).astype(np.int32),
+          np.concatenate([[0] * len(start), mask, [1]]).astype(np.int32))
 
 
 def pack(tokenized: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *,

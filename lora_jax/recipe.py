@@ -19,6 +19,14 @@ import yaml
 
 from lora_jax.config import LoRAConfig
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_float_dtype(value: Any, key: str) -> None:
+  """Raises `ValueError` naming `key` unless `value` names a floating dtype."""
+  if value not in FLOAT_DTYPES:
+    raise ValueError(f"{key}={value!r}: must be one of {', '.join(FLOAT_DTYPES)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -44,6 +52,10 @@ class ModelSection:
   remat: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+  def __post_init__(self):
+    check_float_dtype(self.dtype, "model.dtype")
+    check_float_dtype(self.param_dtype, "model.param_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +153,10 @@ class ExportSection:
   merged: bool | None = None
   merged_dtype: str | None = None
   base_model_name_or_path: str | None = None
+
+  def __post_init__(self):
+    if self.merged_dtype is not None:
+      check_float_dtype(self.merged_dtype, "export.merged_dtype")
 
 
 SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection,

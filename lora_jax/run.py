@@ -28,7 +28,7 @@ from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.models.llama import Llama, generate
 from lora_jax.optim import optimizer
-from lora_jax.recipe import ModelSection, RunConfig
+from lora_jax.recipe import ModelSection, RunConfig, check_float_dtype
 from lora_jax.tree import combine, count, merge
 
 
@@ -295,6 +295,9 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
     if system:
       raise ValueError("a system message needs chat (--chat)")
     ids = tokenizer.encode(prompt, bos=True)
+  if not len(ids):
+    raise ValueError("nothing to continue: the prompt is empty and the tokenizer adds no BOS; "
+                     "give a prompt")
   ids = jnp.asarray(ids, jnp.int32)[None, :]
   _, model, params, config = _load_sharded(section, adapter)
   if config is not None:
@@ -311,6 +314,8 @@ def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: st
                   ) -> Path:
   """Base + adapter folded into a new model of the base's kind (a Hugging Face
   checkpoint with its tokenizer files for Hugging Face bases)."""
+  if dtype is not None:
+    check_float_dtype(dtype, "--dtype")
   base_model, _, params, config = _load_sharded(section, adapter)
   return base_model.save(output, merge(params, config, dtype=dtype), dtype=dtype)
 

@@ -282,15 +282,11 @@ def test_batches_feed_causal_lm_loss_on_the_mesh(tmp_path):
   assert np.isfinite(float(loss))
 
 
-class ChatTokenizer:
+class ChatTokenizer(ByteTokenizer):
   """Bytes as ids and a tagged-turn chat template; the assistant's replies and their end learned."""
 
-  BOS, EOS, PAD = 256, 257, 258
   chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
-  name_or_path = "test/chat-tokenizer"
-
-  def encode(self, text):
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+  name = "test/chat-tokenizer"
 
   def chat_segments(self, messages):
     segments = []

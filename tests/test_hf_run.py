@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -178,6 +179,9 @@ def wrong_inputs(ckpt, tmp_path_factory):
   gpt2 = root / "gpt2"
   gpt2.mkdir()
   (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300}))
+  (root / "bad-json").mkdir()
+  (root / "bad-json" / "config.json").write_text('{"model_type": "llama",')
+  (root / "data.parquet").write_bytes(b"PAR1")
   small = make_checkpoint(root / "small-vocab", vocab_size=256)
   (root / "blank.jsonl").write_text("\n\n")
   (root / "chat.jsonl").write_text(json.dumps(chat_rows(1)[0]) + "\n")
@@ -191,11 +195,14 @@ def wrong_inputs(ckpt, tmp_path_factory):
     ("chat-without-template", "chat.jsonl, line 1: a chat row needs a tokenizer with a chat "
      "template"),
     ("no-rows", "blank.jsonl"),
+    ("bad-json", "config.json is not valid JSON"),
+    ("merged-dtype", "export.merged_dtype='bf16': must be one of float32, bfloat16"),
+    ("no-pyarrow", "reading Parquet needs pyarrow"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, chat_file, wrong_inputs, tmp_path, case,
-                                          message):
+                                          message, monkeypatch):
   root, small = wrong_inputs
-  base, data = f"hf:{ckpt}", chat_file
+  base, data, extra = f"hf:{ckpt}", chat_file, []
   if case == "no-config":
     base = f"hf:{root / 'empty'}"
   elif case == "architecture":
@@ -204,10 +211,18 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, chat_file, wrong_inputs, tmp_pat
     base = f"hf:{small}"
   elif case == "chat-without-template":
     base, data = "preset:tiny-byte", root / "chat.jsonl"
+  elif case == "bad-json":
+    base = f"hf:{root / 'bad-json'}"
+  elif case == "merged-dtype":
+    extra = ["export.merged_dtype=bf16"]
+  elif case == "no-pyarrow":
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    data = root / "data.parquet"
   else:
     data = root / "blank.jsonl"
   code, _, err = lora_jax("train", "--no-progress", f"model.base={base}", f"data.train={data}",
-                          f"output_dir={tmp_path / 'out'}", *ARGS)
+                          f"output_dir={tmp_path / 'out'}", *ARGS, *extra)
   assert code == 2 and len(err.strip().splitlines()) == 1, err
   assert message in err, err
 

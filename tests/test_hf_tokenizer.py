@@ -11,6 +11,7 @@ import transformers
 from tiny_hf import (BOS, CHAT_TEMPLATE, END_OF_TEXT, EOT, corpus_lines, make_checkpoint,
                      make_tokenizer)
 
+from lora_jax import data
 from lora_jax.hf.tokenizer import load_tokenizer
 
 TEXTS = ["Hello world", "ABSURDITY, n.  A statement or belief manifestly inconsistent",
@@ -272,3 +273,30 @@ def test_make_checkpoint(tmp_path):
   again = make_checkpoint(tmp_path / "again", num_hidden_layers=1)
   for name in ("tokenizer.json", "model.safetensors", "config.json", "generation_config.json"):
     assert (path / name).read_bytes() == (again / name).read_bytes(), name
+
+
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                   "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}"
+                   "{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_sentencepiece_training_ids_are_the_inference_ids(dirs, tmp_path):
+  """One leading '▁' per text, as at inference: never one per prompt, reply or turn."""
+  path = edit_config(shutil.copytree(dirs["sentencepiece"], tmp_path / "spm"),
+                     chat_template=LLAMA2_TEMPLATE)
+  tok, auto = load_tokenizer(path), auto_tokenizer(path)
+  messages = [{"role": "user", "content": "Define LAWYER."},
+              {"role": "assistant", "content": "n. One skilled in circumvention of the law."},
+              {"role": "user", "content": "And ABSURDITY?"},
+              {"role": "assistant", "content": "n. A statement or belief."}]
+  ids, mask = data.tokenize(data.Chat(tuple(messages), "c.jsonl, line 1"), tok)
+  assert ids.tolist() == auto.apply_chat_template(messages, tokenize=True)
+  first = len(auto(tok.render_chat(messages[:1]), add_special_tokens=False).input_ids)
+  assert mask[:first].sum() == 0 and mask[first] == 1          # the reply from its first token
+  assert auto.convert_ids_to_tokens(int(ids[first])) == "▁n"    # ' n': straddles, learned
+  assert ids[mask == 1][-1] == tok.EOS and mask.sum() < len(mask) // 2
+  prompt, completion = "Define LAWYER.\n", "One skilled in circumvention."
+  ids, mask = data.tokenize(data.Example(prompt, completion), tok)
+  assert ids.tolist() == auto(prompt + completion).input_ids + [tok.EOS]
+  learned = auto.decode(ids[mask == 1], skip_special_tokens=True)
+  assert learned == completion

@@ -95,13 +95,15 @@ def segments(template: str, messages: Sequence[Mapping[str, Any]], *,
 
 def _render(template: str, messages: list, add_generation_prompt: bool,
             special_tokens: Mapping[str, str], name: str) -> str:
-  import jinja2
   compiled = _compile(template, name)
   try:
     return compiled.render(messages=messages, tools=None, documents=None,
                            add_generation_prompt=add_generation_prompt, **special_tokens)
-  except jinja2.TemplateError as error:
-    raise ValueError(f"{name}: the chat template failed: {error}") from None
+  except ValueError:  # raise_exception's, already naming the template
+    raise
+  except Exception as error:  # noqa: BLE001 (a template's own errors are the user's input)
+    raise ValueError(f"{name}: the chat template failed: {type(error).__name__}: "
+                     f"{error}") from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -106,6 +106,29 @@ def to_hf(path: str, x: np.ndarray) -> np.ndarray:
 
 # --- config.json -----------------------------------------------------------
 
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def read_config(directory) -> dict[str, Any]:
+  """The parsed `config.json` of a checkpoint directory.
+
+  Raises:
+    FileNotFoundError: when there is none.
+    ValueError: naming the file, when it is not a JSON object.
+  """
+  path = Path(directory) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{Path(directory)} has no config.json: not a transformers checkpoint")
+  try:
+    hf = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+  return hf
+
+
 def llama_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
   """A `LlamaConfig` from transformers' `config.json` contents.
 
@@ -117,7 +140,12 @@ def llama_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     ValueError: naming any setting the reference Llama does not implement.
   """
   if hf.get("model_type", "llama") != "llama":
-    raise ValueError(f"config.json has model_type {hf['model_type']!r}; only 'llama' loads")
+    raise ValueError(f"config.json has model_type {hf['model_type']!r} "
+                     f"({', '.join(hf.get('architectures') or []) or 'no architectures'}); "
+                     "only 'llama' loads")
+  for key in _REQUIRED:
+    if isinstance(hf.get(key), bool) or not isinstance(hf.get(key), int) or hf[key] < 1:
+      raise ValueError(f"config.json: {key}={hf.get(key)!r} (missing or not a positive integer)")
   unsupported = {k: hf[k] for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
                                         ("mlp_bias", False)) if hf.get(k, ok) != ok}
   if unsupported:
@@ -266,9 +294,7 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
       tensor, or a tensor whose shape disagrees with `config.json`.
   """
   directory = Path(directory)
-  if not (directory / "config.json").is_file():
-    raise FileNotFoundError(f"{directory} has no config.json: not a transformers checkpoint")
-  config = llama_config(json.loads((directory / "config.json").read_text()),
+  config = llama_config(read_config(directory),
                         **{"dtype": dtype, "param_dtype": dtype, **overrides})
   model = Llama(config)
   boxed = _abstract_params(config)

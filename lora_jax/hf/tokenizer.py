@@ -197,6 +197,14 @@ class HFTokenizer:
       ids = [*ids, self.EOS]
     return np.asarray(ids, np.int32)
 
+  def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """`encode(text)` and each id's `(start, end)` character span in `text`."""
+    if not isinstance(text, str):
+      raise ValueError(f"{self.name}: encode takes a string, not {type(text).__name__}")
+    encoding = self._backend.encode(text, add_special_tokens=False)
+    return (np.asarray(encoding.ids, np.int32),
+            np.asarray(encoding.offsets, np.int64).reshape(-1, 2))
+
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """The text of token ids, special tokens left out.
 
