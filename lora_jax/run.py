@@ -193,6 +193,9 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
     for name in ("adapter", "peft", "merged"):
       if name in result:
         log(f"{name}: {result[name]}")
+      elif (out / name).exists():
+        log(f"note: {out / name} is from an earlier export (export.{name} is off now): it "
+            "does not hold this run's adapter")
   result["steps"] = state.step
   return result
 

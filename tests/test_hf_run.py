@@ -254,3 +254,13 @@ def test_merge_keeps_the_checkpoint_dtype(ckpt, finished, tmp_path):
   with safe_open(merged / "model.safetensors", "pt") as f:
     assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
   assert (merged / "tokenizer.json").is_file()
+
+
+def test_an_export_switched_off_is_named_as_stale(finished, chat_file, ckpt):
+  out = finished[0]
+  code, stdout, err = lora_jax("train", "--no-progress", f"model.base=hf:{ckpt}",
+                               f"data.train={chat_file}", f"output_dir={out}", *ARGS,
+                               "train.steps=6", "export.peft=false")
+  assert code == 0, err
+  assert f"note: {out / 'peft'} is from an earlier export (export.peft is off now)" in stdout
+  assert f"note: {out / 'merged'} is from an earlier export" in stdout
