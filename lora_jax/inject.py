@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, join_path, unmatched_error
-from lora_jax.layers import Recorded, _Adapted, add_adapter, recording_layouts
+from lora_jax.layers import Recorded, _Adapted, add_adapter, base_output, recording_layouts
 from lora_jax.layout import (
     Layout, dense_contraction, dense_general_contraction, einsum_contraction)
 from lora_jax.tree import combine, leaf_paths, split
@@ -97,10 +97,10 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
                                f"__call__ does not call nn.{base.__name__}.__call__)")
       return next_fun(*args, **kwargs)
     survey.linear.setdefault(path, type(module).__name__)
-    outputs = next_fun(*args, **kwargs)
+    inputs, contraction = _contraction(module, args, kwargs)
+    outputs = base_output(module, contraction, inputs, lambda: next_fun(*args, **kwargs))
     if config is None or not config.selects(path):
       return outputs
-    inputs, contraction = _contraction(module, args, kwargs)
     return add_adapter(module, config.adapter_for(path), contraction, inputs, outputs)
 
   return intercept

@@ -22,6 +22,7 @@ from lora_jax.config import AdapterSpec
 from lora_jax.layout import (
     Contraction, Layout, dense_contraction, dense_general_contraction, einsum_contraction,
     layout_of, read_layout)
+from lora_jax.quantize import dequantize, is_quantized
 
 
 def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None,
@@ -179,7 +180,8 @@ def add_adapter(
     `m / ||W + scale*A@B|| * (inputs @ (W + scale*A@B)) + bias`.
   """
   raw_kernel = module.get_variable("params", "kernel")
-  kernel = nn.meta.unbox(raw_kernel)
+  # Dense for DoRA's norms (a quantized kernel's dequantization is dropped when unused).
+  kernel = dequantize(nn.meta.unbox(raw_kernel))
   layout = layout_of(contraction)
   a_shape, b_shape, m_shape = layout.shapes(kernel.shape, spec.rank)
   fan_in = layout.fan_in(kernel.shape)
@@ -222,6 +224,32 @@ def add_adapter(
     base = jnp.einsum(f"{contraction.inputs},{contraction.kernel}->{contraction.outputs}",
                       x, kernel.astype(compute), precision=precision)
   return outputs + gain_minus_one * base + gain * update
+
+
+def base_output(module: nn.Module, contraction: Contraction, inputs: jax.Array,
+                call: Any) -> jax.Array:
+  """A linear layer's own output: `call()`, or on a quantized kernel the same
+  contraction with the kernel dequantized to the compute dtype inside the step.
+
+  Flax's dtype rule holds: the compute dtype is the layer's `dtype`, else the
+  promotion of the input, kernel and bias dtypes.
+  """
+  if not module.has_variable("params", "kernel"):
+    return call()
+  kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
+  if not is_quantized(kernel):
+    return call()
+  bias = (nn.meta.unbox(module.get_variable("params", "bias"))
+          if module.has_variable("params", "bias") else None)
+  dtype = module.dtype or jnp.result_type(inputs, kernel.dtype,
+                                          *([] if bias is None else [bias]))
+  c = contraction
+  outputs = jnp.einsum(f"{c.inputs},{c.kernel}->{c.outputs}", jnp.asarray(inputs, dtype),
+                       kernel.dequantize(dtype), precision=getattr(module, "precision", None))
+  if bias is not None:
+    letters = "".join(ch for ch in c.outputs if ch in c.kernel)
+    outputs = outputs + _align(bias.astype(dtype), letters, c.outputs)
+  return outputs
 
 
 def _low_rank_update(contraction: Contraction, layout: Layout, x: jax.Array, a: jax.Array,
@@ -306,8 +334,9 @@ class LoRADense(nn.Dense, _Adapted):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
-    outputs = super().__call__(inputs)
-    return self._adapt(dense_contraction(jnp.ndim(inputs)), inputs, outputs, deterministic)
+    contraction = dense_contraction(jnp.ndim(inputs))
+    outputs = base_output(self, contraction, inputs, lambda: super(LoRADense, self).__call__(inputs))
+    return self._adapt(contraction, inputs, outputs, deterministic)
 
 
 class LoRADenseGeneral(nn.DenseGeneral, _Adapted):
@@ -331,9 +360,10 @@ class LoRADenseGeneral(nn.DenseGeneral, _Adapted):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
-    outputs = super().__call__(inputs)
     n_features = len(self.features) if isinstance(self.features, (tuple, list)) else 1
     contraction = dense_general_contraction(jnp.ndim(inputs), self.axis, self.batch_dims, n_features)
+    outputs = base_output(self, contraction, inputs,
+                          lambda: super(LoRADenseGeneral, self).__call__(inputs))
     return self._adapt(contraction, inputs, outputs, deterministic)
 
 
@@ -363,7 +393,8 @@ class LoRAEinsum(nn.Einsum, _Adapted):
   def __call__(
       self, inputs: jax.Array, einsum_str: str | None = None, *, deterministic: bool | None = None
   ) -> jax.Array:
-    outputs = super().__call__(inputs, einsum_str)
     equation = einsum_str if einsum_str is not None else self.einsum_str
     contraction = einsum_contraction(equation, jnp.shape(inputs), self.shape)
+    outputs = base_output(self, contraction, inputs,
+                          lambda: super(LoRAEinsum, self).__call__(inputs, einsum_str))
     return self._adapt(contraction, inputs, outputs, deterministic)

@@ -104,7 +104,6 @@ class QuantizedKernel:
     absmax2: double quantization's float32 scale per 256 blocks, `(..., n)`.
     offset: double quantization's mean of the absmax values, `(...,)`.
     format: 'nf4', 'int4' or 'int8'.
-    shape: the kernel's shape.
     dtype: the kernel's dtype name (what `dequantize()` returns by default).
     block: weights per block along the input axis (int8: the whole axis).
   """
@@ -114,9 +113,15 @@ class QuantizedKernel:
   absmax2: jax.Array | None
   offset: jax.Array | None
   format: str = struct.field(pytree_node=False)
-  shape: tuple[int, ...] = struct.field(pytree_node=False)
   dtype: str = struct.field(pytree_node=False)
   block: int = struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The kernel's shape (read from the codes, so a layer sliced out of a stack by
+    `nn.scan` knows its own)."""
+    *lead, n_in, n_out = self.codes.shape
+    return (*lead, n_in * (1 if self.format == "int8" else 2), n_out)
 
   @property
   def double(self) -> bool:
@@ -214,7 +219,7 @@ def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # n
     scale = absmax / np.float32(127)
     codes = np.round(w / np.where(scale == 0, np.float32(1), scale)).astype(np.int8)
     return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax), None, None, format,
-                           tuple(w.shape), dtype, w.shape[-2])
+                           dtype, w.shape[-2])
   block = 64 if block is None else block
   if block < 2 or block % 2 or w.shape[-2] % block:
     raise ValueError(f"{name}: a block of {block} weights does not divide its input axis of "
@@ -233,9 +238,9 @@ def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # n
   if format == "nf4" and double:
     absmax_codes, absmax2, offset = _double(absmax)
     return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax_codes), jnp.asarray(absmax2),
-                           jnp.asarray(offset), format, tuple(w.shape), dtype, block)
+                           jnp.asarray(offset), format, dtype, block)
   return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax), None, None, format,
-                         tuple(w.shape), dtype, block)
+                         dtype, block)
 
 
 def _absmax(q: QuantizedKernel) -> jax.Array:
