@@ -323,3 +323,41 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
 def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
   """Every `QuantizedKernel` of a tree dense again (for inspection and merging)."""
   return jax.tree.map(lambda x: dequantize(x, dtype), params, is_leaf=is_quantized)
+
+
+def _sharding_of(q: QuantizedKernel, kernel: jax.sharding.NamedSharding, name: str
+                 ) -> QuantizedKernel:
+  """Shardings for a quantized kernel's arrays from its dense kernel's sharding."""
+  spec = tuple(kernel.spec) + (None,) * (len(q.shape) - len(kernel.spec))
+  mesh = kernel.mesh
+  size = lambda axes: int(np.prod([mesh.shape[a] for a in
+                                   ((axes,) if isinstance(axes, str) else axes or ())]))
+  for arr, what in ((q.codes, "codes"), (q.absmax, "absmax")):
+    for dim, axes in zip(arr.shape, spec):
+      if dim % size(axes):
+        raise ValueError(
+            f"{name}: its {what} {arr.shape} (blocks of {q.block}) cannot be split over mesh "
+            f"axis {axes!r} of size {size(axes)}: a block would straddle two shards; choose a "
+            "smaller block or leave that axis unsharded")
+  named = lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  lead = spec[:len(q.shape) - 2]
+  absmax_spec = spec if q.format != "int8" else (*spec[:-2], None, spec[-1])
+  return q.replace(
+      codes=named(spec), absmax=named(absmax_spec),
+      absmax2=None if q.absmax2 is None else named((*lead, None)),
+      offset=None if q.offset is None else named(lead))
+
+
+def quantized_shardings(params: Any, shardings: Any) -> Any:
+  """`shardings` of the float params (`lora_jax.param_shardings`) made to fit `params`
+  where they hold quantized kernels: codes and block absmax shard like their kernel, the
+  double-quantization statistics follow its stacked (layer) axes only.
+
+  Raises:
+    ValueError: naming the kernel and mesh axis where a block would straddle shards.
+  """
+  def one(kp, x, s):
+    return _sharding_of(x, s, _path(kp)) if is_quantized(x) else s
+
+  return jax.tree_util.tree_map_with_path(one, nn.unbox(params), shardings,
+                                          is_leaf=is_quantized)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path, unmatched_error
 from lora_jax.layers import merged_kernel
 from lora_jax.layout import Layout, find_layout
+from lora_jax.quantize import dequantize, is_quantized
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
 
@@ -137,6 +138,9 @@ def _plain_dict(tree: Any) -> Any:
 def count(params: Any, config: LoRAConfig | None = None) -> dict[str, int]:
   """Number of parameters per label: `{'lora': n, 'trainable': n, 'frozen': n}`."""
   totals = {LORA: 0, TRAINABLE: 0, FROZEN: 0}
+  # A quantized kernel counts its weights, not its stored codes and statistics.
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x)
+                        else x, params, is_leaf=is_quantized)
   sizes = jax.tree.map(lambda x: math.prod(jnp.shape(x)), params)
   for label, size in zip(jax.tree.leaves(partition(params, config)), jax.tree.leaves(sizes)):
     totals[label] += size
@@ -199,6 +203,8 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
 
   def cast(leaf):
     value = nn.meta.unbox(leaf)
+    if is_quantized(value):  # the plain model's tree is dense: dequantized, then cast
+      return _rebox(leaf, value.dequantize(dtype))
     kind = getattr(value, "dtype", None)
     if dtype is None or kind is None or not jnp.issubdtype(kind, jnp.floating):
       return leaf
@@ -209,6 +215,7 @@ def merge(params: Mapping, config: LoRAConfig, *, dtype: Any = None, safe: bool 
     if missing:
       raise ValueError(f"merge: layer '{path}' has adapters but no {', '.join(missing)}")
     kernel, a, b = (nn.meta.unbox(layer[k]) for k in ("kernel", "lora_a", "lora_b"))
+    kernel = dequantize(kernel)  # merging into a quantized base: into its dequantized kernel
     magnitude = nn.meta.unbox(layer["lora_magnitude"]) if "lora_magnitude" in layer else None
     if layouts is not None and path not in layouts:
       raise ValueError(f"merge: the layouts hold no record of layer '{path}'")

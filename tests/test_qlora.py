@@ -78,3 +78,46 @@ def test_bfloat16_compute_dequantizes_to_bfloat16(base):
   assert np.isfinite(np.asarray(logits)).all()
   hlo = jax.jit(model.apply).lower({"params": params}, IDS).as_text()
   assert "bf16" in hlo
+
+
+def test_tree_functions_see_a_quantized_kernel_as_its_weights(base):
+  config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
+  model = lj.inject(Llama(TINY), config)
+  quantized = q.quantize_params(base, "nf4")
+  params = trained(lj.init_adapters(model, quantized, jax.random.key(1), IDS))
+  dense = q.dequantize_params(params)
+  assert lj.count(params, config) == lj.count(dense, config)
+  adapters, frozen = lj.split(params, config)
+  assert q.is_quantized(frozen["layers_0"]["mlp"]["up_proj"]["kernel"])
+  assert jax.tree.structure(lj.combine(adapters, frozen), is_leaf=q.is_quantized) == \
+      jax.tree.structure(params, is_leaf=q.is_quantized)
+  # Merge path (a): dequantize, merge in float32 = merging into the dequantized base.
+  merged, expected = lj.merge(params, config), lj.merge(dense, config)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  assert not any(q.is_quantized(x) for x in jax.tree.leaves(merged, is_leaf=q.is_quantized))
+  np.testing.assert_allclose(Llama(TINY).apply({"params": merged}, IDS),
+                             model.apply({"params": params}, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_quantized_base_equals_unsharded(base):
+  """Codes and absmax split over the fsdp axis like their kernel (block 8: whole blocks
+  per shard); the step's outputs equal the single-device ones."""
+  config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
+  llama = Llama(TINY)
+  model = lj.inject(llama, config)
+  mesh = lj.sharding.make_mesh(1, 8, 1)
+  boxed = jax.eval_shape(llama.init, jax.random.key(0), IDS)["params"]
+  quantized = q.quantize_params(base, "nf4", block=8)
+  shardings = q.quantized_shardings(quantized, lj.sharding.param_shardings(boxed, mesh))
+  spec = shardings["layers_0"]["mlp"]["down_proj"]["kernel"].codes.spec
+  assert "fsdp" in jax.tree.leaves(tuple(spec))
+  placed = jax.device_put(quantized, shardings)
+  adapters, _ = lj.split(trained(lj.init_adapters(model, quantized, jax.random.key(2), IDS)),
+                         config)
+  apply = jax.jit(lambda a, f: model.apply({"params": lj.combine(a, f)}, IDS))
+  np.testing.assert_allclose(apply(adapters, placed), apply(adapters, quantized),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="a block would straddle two shards"):
+    q.quantized_shardings(q.quantize_params(base, "nf4", block=32),
+                          lj.sharding.param_shardings(boxed, mesh))
