@@ -2,6 +2,7 @@
 dequantized float base, for injected models (scanned or not), LoRA layers and DoRA."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +122,22 @@ def test_sharded_quantized_base_equals_unsharded(base):
   with pytest.raises(ValueError, match="a block would straddle two shards"):
     q.quantized_shardings(q.quantize_params(base, "nf4", block=32),
                           lj.sharding.param_shardings(boxed, mesh))
+
+
+def test_a_scanned_step_dequantizes_layer_by_layer_inside_the_loop():
+  """XLA must not hoist the (loop-invariant) dequantization of the stacked base out of the
+  layer loop: every unpacking of codes in the compiled step is of one layer's slice."""
+  config = dataclasses.replace(TINY, scan_layers=True, remat="full", num_layers=3)
+  llama = Llama(config)
+  ids = jnp.zeros((2, 16), jnp.int32)
+  quantized = q.quantize_params(llama.init(jax.random.key(0), ids)["params"], "nf4")
+  lora = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
+  model = lj.inject(llama, lora)
+  adapters, frozen = lj.split(lj.init_adapters(model, quantized, jax.random.key(1), ids), lora)
+  loss = lambda a, f: jnp.mean(model.apply({"params": lj.combine(a, f)}, ids) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(adapters, frozen).compile().as_text()
+  unpacks = [line for line in hlo.splitlines() if "shift-right-logical(" in line]
+  assert unpacks                                         # the dequantization is there...
+  stacked = [line for line in unpacks if re.search(r"= u8\[3,", line)]
+  assert not stacked, stacked[:2]                        # ...never of the whole stack
+  assert all("while/body" in line for line in unpacks)
