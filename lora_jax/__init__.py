@@ -5,9 +5,10 @@ from lora_jax.inject import init_adapters, inject, layouts, targets
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.layout import Layout
 from lora_jax.optim import optimizer
+from lora_jax.quantize import QuantizedKernel, dequantize_params, quantize_params
 from lora_jax.tree import combine, count, merge, partition, split, summary
 
-from lora_jax import distributed, hf, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
+from lora_jax import distributed, hf, quantize, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
 
 __version__ = "0.1.0"
 
@@ -19,14 +20,17 @@ __all__ = [
     "LoRADenseGeneral",
     "LoRAEinsum",
     "PathRule",
+    "QuantizedKernel",
     "combine",
     "count",
+    "dequantize_params",
     "init_adapters",
     "inject",
     "layouts",
     "merge",
     "optimizer",
     "partition",
+    "quantize_params",
     "split",
     "summary",
     "targets",
