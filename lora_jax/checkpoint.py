@@ -31,6 +31,7 @@ from etils import epath
 
 from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
 from lora_jax.layout import Layout, find_layout
+from lora_jax.quantize import QuantizedKernel, is_quantized
 from lora_jax.tree import leaf_paths, merge, split
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,72 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
   if target is not None:
     check_fits(adapters, nn.unbox(target), config, layouts)
   return adapters, config
+
+
+def _base_checkpointer() -> ocp.Checkpointer:
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      params=ocp.StandardCheckpointHandler(), formats=ocp.JsonCheckpointHandler()))
+
+
+def save_base(directory, params: Mapping, *, overwrite: bool = False) -> epath.Path:
+  """Writes a frozen base, quantized kernels included, so quantization runs once.
+
+  Args:
+    directory: a new or empty directory (local path or `gs://...`).
+    params: plain params, some kernels `QuantizedKernel`s (`quantize_params`).
+    overwrite: replace an existing non-empty directory.
+
+  Returns:
+    The directory written; `load_base` reads it back bit for bit.
+  """
+  plain = nn.unbox(params)
+  formats = {}
+  for kp, x in jax.tree_util.tree_leaves_with_path(plain, is_leaf=is_quantized):
+    if is_quantized(x):
+      formats["/".join(str(k.key) for k in kp)] = {"format": x.format, "dtype": x.dtype,
+                                                   "block": x.block}
+  path = _absolute(directory)
+  _refuse_overwrite(path, overwrite)
+  _base_checkpointer().save(path, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(plain), formats=ocp.args.JsonSave(formats)))
+  return path
+
+
+def load_base(directory, *, shardings: Any = None) -> dict:
+  """Reads what `save_base` wrote.
+
+  Args:
+    directory: a `save_base` directory.
+    shardings: a tree of shardings shaped like the params (for quantized
+      kernels, `lora_jax.quantize.quantized_shardings`): each host reads only
+      its shards.
+
+  Raises:
+    FileNotFoundError: when `directory` holds no saved base.
+  """
+  path = _absolute(directory)
+  if not (path / "params").exists() or not (path / "formats").exists():
+    raise FileNotFoundError(f"{path} holds no frozen base saved by lora_jax (save_base)")
+  checkpointer = _base_checkpointer()
+  formats = checkpointer.restore(path, args=ocp.args.Composite(
+      formats=ocp.args.JsonRestore()))["formats"]
+  metadata = checkpointer.metadata(path).item_metadata["params"].tree
+  struct_of = lambda m: None if m is None else jax.ShapeDtypeStruct(m.shape, m.dtype)
+
+  def build(tree, prefix):
+    if prefix in formats:
+      return QuantizedKernel(*(struct_of(tree.get(k)) for k in ("codes", "absmax", "absmax2",
+                                                               "offset")), **formats[prefix])
+    if isinstance(tree, Mapping):
+      return {k: build(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
+    return struct_of(tree)
+
+  abstract = build(metadata, "")
+  if shardings is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  return checkpointer.restore(path, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract)))["params"]
 
 
 def check_fits(adapters: Mapping, base: Mapping, config: LoRAConfig,

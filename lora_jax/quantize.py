@@ -205,6 +205,7 @@ def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # n
     ValueError: for an unknown format, a kernel that is already quantized or
       not at least 2-D, or a block that does not divide the input axis.
   """
+  kernel = nn.meta.unbox(kernel)
   if isinstance(kernel, QuantizedKernel):
     raise ValueError(f"{name} is already quantized ({kernel.format})")
   if format not in FORMATS:
@@ -332,8 +333,9 @@ def _sharding_of(q: QuantizedKernel, kernel: jax.sharding.NamedSharding, name: s
   mesh = kernel.mesh
   size = lambda axes: int(np.prod([mesh.shape[a] for a in
                                    ((axes,) if isinstance(axes, str) else axes or ())]))
-  for arr, what in ((q.codes, "codes"), (q.absmax, "absmax")):
-    for dim, axes in zip(arr.shape, spec):
+  absmax_spec = spec if q.format != "int8" else (*spec[:-2], None, spec[-1])  # one per column
+  for arr, what, arr_spec in ((q.codes, "codes", spec), (q.absmax, "absmax", absmax_spec)):
+    for dim, axes in zip(arr.shape, arr_spec):
       if dim % size(axes):
         raise ValueError(
             f"{name}: its {what} {arr.shape} (blocks of {q.block}) cannot be split over mesh "
@@ -341,7 +343,6 @@ def _sharding_of(q: QuantizedKernel, kernel: jax.sharding.NamedSharding, name: s
             "smaller block or leave that axis unsharded")
   named = lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
   lead = spec[:len(q.shape) - 2]
-  absmax_spec = spec if q.format != "int8" else (*spec[:-2], None, spec[-1])
   return q.replace(
       codes=named(spec), absmax=named(absmax_spec),
       absmax2=None if q.absmax2 is None else named((*lead, None)),

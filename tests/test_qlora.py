@@ -141,3 +141,26 @@ def test_a_scanned_step_dequantizes_layer_by_layer_inside_the_loop():
   stacked = [line for line in unpacks if re.search(r"= u8\[3,", line)]
   assert not stacked, stacked[:2]                        # ...never of the whole stack
   assert all("while/body" in line for line in unpacks)
+
+
+def test_a_quantized_base_round_trips_through_orbax_bit_exactly(base, tmp_path):
+  from lora_jax import checkpoint
+  mixed = q.quantize_params(stack_layers(base), "nf4", block=8, exclude=("lm_head", "q_proj"))
+  mixed["lm_head"]["kernel"] = q.quantize(base["lm_head"]["kernel"], "int8")
+  checkpoint.save_base(tmp_path / "base", mixed)
+  back = checkpoint.load_base(tmp_path / "base")
+  assert jax.tree.structure(back) == jax.tree.structure(mixed)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(mixed)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+  mesh = lj.sharding.make_mesh(1, 8, 1)
+  boxed = jax.eval_shape(Llama(dataclasses.replace(TINY, scan_layers=True)).init,
+                         jax.random.key(0), IDS)["params"]
+  shardings = q.quantized_shardings(mixed, lj.sharding.param_shardings(boxed, mesh))
+  placed = checkpoint.load_base(tmp_path / "base", shardings=shardings)
+  codes = placed["layers"]["mlp"]["down_proj"]["kernel"].codes
+  assert codes.sharding == shardings["layers"]["mlp"]["down_proj"]["kernel"].codes
+  with pytest.raises(FileExistsError):
+    checkpoint.save_base(tmp_path / "base", mixed)
+  with pytest.raises(FileNotFoundError, match="holds no frozen base"):
+    checkpoint.load_base(tmp_path)
