@@ -289,7 +289,8 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
   """The param tree with its selected kernels quantized (a frozen QLoRA base).
 
   Only `kernel` leaves are candidates: embeddings, norms and biases keep
-  their dtype. Rules are regexes over a trailing run of a kernel's module
+  their dtype. A kernel's metadata box (its logical axis names) now holds
+  its `QuantizedKernel`, so `lora_jax.param_shardings` shards it. Rules are regexes over a trailing run of a kernel's module
   path (as `LoRAConfig.trainable`'s), `exclude` winning; by default every
   kernel but the output head.
 
@@ -299,6 +300,7 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
   """
   plain = nn.unbox(params)
   leaves = jax.tree_util.tree_leaves_with_path(plain, is_leaf=is_quantized)
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata) or is_quantized(x)
   done = [_path(kp) for kp, x in leaves if is_quantized(x)]
   if done:
     raise ValueError(f"the params are already quantized (e.g. {done[0]}); quantize the float "
@@ -316,19 +318,25 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
     if (not path.endswith("/kernel") or not any(r.matches(module) for r in take)
         or any(r.matches(module) for r in skip)):
       return x
-    return quantize(x, format, block=block, double=double, name=path)
+    quantized = quantize(x, format, block=block, double=double, name=path)
+    # A kernel's logical axis names stay on it: its codes and statistics shard by them.
+    return x.replace_boxed(quantized) if isinstance(x, nn.meta.AxisMetadata) else quantized
 
-  return jax.tree_util.tree_map_with_path(one, plain)
+  return jax.tree_util.tree_map_with_path(one, dict(params), is_leaf=boxed)
 
 
 def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
   """Every `QuantizedKernel` of a tree dense again (for inspection and merging)."""
-  return jax.tree.map(lambda x: dequantize(x, dtype), params, is_leaf=is_quantized)
+  return jax.tree.map(lambda x: dequantize(x, dtype), nn.unbox(params), is_leaf=is_quantized)
 
 
-def _sharding_of(q: QuantizedKernel, kernel: jax.sharding.NamedSharding, name: str
-                 ) -> QuantizedKernel:
-  """Shardings for a quantized kernel's arrays from its dense kernel's sharding."""
+def quantized_sharding(q: QuantizedKernel, kernel: jax.sharding.NamedSharding,
+                       name: str = "kernel") -> QuantizedKernel:
+  """Shardings for a quantized kernel's arrays from its dense kernel's sharding.
+
+  Raises:
+    ValueError: naming the kernel and mesh axis where a block would straddle shards.
+  """
   spec = tuple(kernel.spec) + (None,) * (len(q.shape) - len(kernel.spec))
   mesh = kernel.mesh
   size = lambda axes: int(np.prod([mesh.shape[a] for a in
@@ -358,7 +366,7 @@ def quantized_shardings(params: Any, shardings: Any) -> Any:
     ValueError: naming the kernel and mesh axis where a block would straddle shards.
   """
   def one(kp, x, s):
-    return _sharding_of(x, s, _path(kp)) if is_quantized(x) else s
+    return quantized_sharding(x, s, _path(kp)) if is_quantized(x) else s
 
   return jax.tree_util.tree_map_with_path(one, nn.unbox(params), shardings,
                                           is_leaf=is_quantized)

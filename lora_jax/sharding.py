@@ -26,6 +26,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.config import ADAPTER_LEAVES
 from lora_jax.layout import Layout, find_layout
+from lora_jax.quantize import is_quantized, quantized_sharding
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch dimension is split over
@@ -157,14 +158,15 @@ def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = 
   if not isinstance(params, Mapping):
     raise ValueError(f"param_shardings expects nested mappings, got {type(params).__name__}")
   specs = walk(params, "")
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(params))
 
-  def finish(path, spec, shape):
+  def finish(path, spec, value):
     path = "/".join(str(k.key) for k in path)
-    _check_divisible(path, shape, spec, mesh)
+    if is_quantized(value):  # codes and statistics, from the kernel's spec
+      return quantized_sharding(value, NamedSharding(mesh, P(*spec)), path)
+    _check_divisible(path, value.shape, spec, mesh)
     return NamedSharding(mesh, P(*spec))
 
-  return jax.tree_util.tree_map_with_path(finish, specs, shapes,
+  return jax.tree_util.tree_map_with_path(finish, specs, nn.unbox(params),
                                           is_leaf=lambda x: isinstance(x, tuple))
 
 

@@ -4,6 +4,7 @@ dequantized float base, for injected models (scanned or not), LoRA layers and Do
 import dataclasses
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +90,7 @@ def test_tree_functions_see_a_quantized_kernel_as_its_weights(base):
   dense = q.dequantize_params(params)
   assert lj.count(params, config) == lj.count(dense, config)
   adapters, frozen = lj.split(params, config)
-  assert q.is_quantized(frozen["layers_0"]["mlp"]["up_proj"]["kernel"])
+  assert q.is_quantized(nn.unbox(frozen)["layers_0"]["mlp"]["up_proj"]["kernel"])
   assert jax.tree.structure(lj.combine(adapters, frozen), is_leaf=q.is_quantized) == \
       jax.tree.structure(params, is_leaf=q.is_quantized)
   # Merge path (a): dequantize, merge in float32 = merging into the dequantized base.
@@ -111,6 +112,9 @@ def test_sharded_quantized_base_equals_unsharded(base):
   boxed = jax.eval_shape(llama.init, jax.random.key(0), IDS)["params"]
   quantized = q.quantize_params(base, "nf4", block=8)
   shardings = q.quantized_shardings(quantized, lj.sharding.param_shardings(boxed, mesh))
+  # The boxed quantized tree shards itself the same way.
+  assert shardings == lj.sharding.param_shardings(quantized, mesh)
+  quantized = nn.unbox(quantized)
   spec = shardings["layers_0"]["mlp"]["down_proj"]["kernel"].codes.spec
   assert "fsdp" in jax.tree.leaves(tuple(spec))
   placed = jax.device_put(quantized, shardings)
@@ -145,7 +149,8 @@ def test_a_scanned_step_dequantizes_layer_by_layer_inside_the_loop():
 
 def test_a_quantized_base_round_trips_through_orbax_bit_exactly(base, tmp_path):
   from lora_jax import checkpoint
-  mixed = q.quantize_params(stack_layers(base), "nf4", block=8, exclude=("lm_head", "q_proj"))
+  mixed = nn.unbox(q.quantize_params(stack_layers(base), "nf4", block=8,
+                                      exclude=("lm_head", "q_proj")))
   mixed["lm_head"]["kernel"] = q.quantize(base["lm_head"]["kernel"], "int8")
   checkpoint.save_base(tmp_path / "base", mixed)
   back = checkpoint.load_base(tmp_path / "base")
@@ -164,3 +169,33 @@ def test_a_quantized_base_round_trips_through_orbax_bit_exactly(base, tmp_path):
     checkpoint.save_base(tmp_path / "base", mixed)
   with pytest.raises(FileNotFoundError, match="holds no frozen base"):
     checkpoint.load_base(tmp_path)
+
+
+def test_a_train_step_on_a_sharded_quantized_base_equals_one_device(base):
+  """`make_train_step` takes the quantized base as it takes a float one: its boxed kernels
+  shard by their logical axes, and 8 devices give the one-device step."""
+  import optax
+
+  from lora_jax import train
+  config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
+  model = lj.inject(Llama(TINY), config)
+  quantized = q.quantize_params(base, "nf4", block=8)
+  params = lj.init_adapters(model, quantized, jax.random.key(2), IDS)
+  ids = jax.random.randint(jax.random.key(3), (8, 8), 0, 320)
+  batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+  results = []
+  for shape in ((1, 1, 1), (1, 8, 1)):
+    mesh = lj.sharding.make_mesh(*shape, devices=jax.devices()[:shape[1]])
+    step = train.make_train_step(train.causal_lm_loss(model), optax.adam(1e-2), mesh, params,
+                                 config)
+    adapters, opt_state, frozen = step.place(nn.unbox(params))
+    if shape[1] == 8:
+      codes = frozen["layers_0"]["mlp"]["up_proj"]["kernel"].codes
+      assert len(codes.sharding.device_set) == 8 and not codes.sharding.is_fully_replicated
+    for i in range(2):
+      adapters, opt_state, metrics = step.step(adapters, opt_state, frozen, batch,
+                                               jax.random.key(i))
+    results.append((adapters, float(metrics["loss"])))
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -110,7 +110,7 @@ def test_quantize_params_takes_the_linear_kernels_but_the_head():
   model = Llama(config_for("tiny", vocab_size=320))
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   quantized = q.quantize_params(params, "nf4")
-  flat = jax.tree_util.tree_leaves_with_path(quantized, is_leaf=q.is_quantized)
+  flat = jax.tree_util.tree_leaves_with_path(nn_unbox(quantized), is_leaf=q.is_quantized)
   kinds = {"/".join(k.key for k in kp): type(x).__name__ for kp, x in flat}
   assert kinds["layers_0/self_attn/q_proj/kernel"] == "QuantizedKernel"
   assert kinds["lm_head/kernel"] != "QuantizedKernel"
@@ -118,7 +118,7 @@ def test_quantize_params_takes_the_linear_kernels_but_the_head():
   back = q.dequantize_params(quantized)
   assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray,
                                                                       nn_unbox(params)))
-  some = q.quantize_params(params, "int8", targets=["q_proj"])
+  some = nn_unbox(q.quantize_params(params, "int8", targets=["q_proj"]))
   assert q.is_quantized(some["layers_1"]["self_attn"]["q_proj"]["kernel"])
   assert not q.is_quantized(some["layers_1"]["self_attn"]["k_proj"]["kernel"])
 
