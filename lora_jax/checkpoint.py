@@ -29,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
 from lora_jax.layout import Layout, find_layout
 from lora_jax.quantize import QuantizedKernel, is_quantized
 from lora_jax.tree import leaf_paths, merge, split
@@ -146,7 +146,7 @@ def save_base(directory, params: Mapping, *, overwrite: bool = False) -> epath.P
   formats = {}
   for kp, x in jax.tree_util.tree_leaves_with_path(plain, is_leaf=is_quantized):
     if is_quantized(x):
-      formats["/".join(str(k.key) for k in kp)] = {"format": x.format, "dtype": x.dtype,
+      formats[join_path(kp)] = {"format": x.format, "dtype": x.dtype,
                                                    "block": x.block}
   path = _absolute(directory)
   _refuse_overwrite(path, overwrite)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lora_jax.config import PathRule
+from lora_jax.config import PathRule, join_path
 
 FORMATS = ("nf4", "int4", "int8")
 NF4_LEVELS = np.array([
@@ -279,10 +279,6 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedKernel)
 
 
-def _path(kp) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
-
-
 def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
                     targets: Sequence[str] = (".*",), exclude: Sequence[str] = ("lm_head",),
                     block: int | None = None, double: bool = True) -> dict:
@@ -301,19 +297,19 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
   plain = nn.unbox(params)
   leaves = jax.tree_util.tree_leaves_with_path(plain, is_leaf=is_quantized)
   boxed = lambda x: isinstance(x, nn.meta.AxisMetadata) or is_quantized(x)
-  done = [_path(kp) for kp, x in leaves if is_quantized(x)]
+  done = [join_path(kp) for kp, x in leaves if is_quantized(x)]
   if done:
     raise ValueError(f"the params are already quantized (e.g. {done[0]}); quantize the float "
                      "base once")
   take = [PathRule.suffix("targets", t) for t in targets]
   skip = [PathRule.suffix("exclude", e) for e in exclude]
-  modules = [_path(kp).rsplit("/", 1)[0] for kp, _ in leaves if _path(kp).endswith("/kernel")]
+  modules = [join_path(kp).rsplit("/", 1)[0] for kp, _ in leaves if join_path(kp).endswith("/kernel")]
   for rule in take + skip:
     if not any(rule.matches(m) for m in modules):
       raise ValueError(f"quantize {rule} matches no kernel; kernels: {modules[:8]}")
 
   def one(kp, x):
-    path = _path(kp)
+    path = join_path(kp)
     module = path.rsplit("/", 1)[0]
     if (not path.endswith("/kernel") or not any(r.matches(module) for r in take)
         or any(r.matches(module) for r in skip)):
@@ -366,7 +362,7 @@ def quantized_shardings(params: Any, shardings: Any) -> Any:
     ValueError: naming the kernel and mesh axis where a block would straddle shards.
   """
   def one(kp, x, s):
-    return quantized_sharding(x, s, _path(kp)) if is_quantized(x) else s
+    return quantized_sharding(x, s, join_path(kp)) if is_quantized(x) else s
 
   return jax.tree_util.tree_map_with_path(one, nn.unbox(params), shardings,
                                           is_leaf=is_quantized)

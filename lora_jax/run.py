@@ -243,18 +243,17 @@ def _evaluator(model, step, rows, t, host_rows):
   return evaluate
 
 
-def _load_sharded(section: ModelSection, adapter: str | None) -> tuple[Any, ...]:
+def _load_sharded(base_model: bases.Base, adapter: str | None) -> tuple[Any, ...]:
   """The base over every device (fsdp), so models larger than one chip fit, with an
-  adapter replicated beside it: `(base, model, params, adapter config or None)`."""
-  base_model = bases.resolve(section)
+  adapter replicated beside it: `(model, params, adapter config or None)`."""
   mesh = sharding.make_mesh(1, -1, 1)
   model, params = base_model.load(mesh)
   if adapter is None:
-    return base_model, model, params, None
+    return model, params, None
   adapters, config = load_adapter(adapter, params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   adapters = jax.device_put(adapters, replicated)
-  return base_model, model, combine(adapters, params), config
+  return model, combine(adapters, params), config
 
 
 def load_adapter(path: str, params: Any) -> tuple[Any, LoRAConfig]:
@@ -288,7 +287,8 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   Returns:
     The new text (without the prompt), special tokens removed.
   """
-  tokenizer = bases.resolve(section).tokenizer()
+  base_model = bases.resolve(section)
+  tokenizer = base_model.tokenizer()
   if chat:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
@@ -302,7 +302,7 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
     raise ValueError("nothing to continue: the prompt is empty and the tokenizer adds no BOS; "
                      "give a prompt")
   ids = jnp.asarray(ids, jnp.int32)[None, :]
-  _, model, params, config = _load_sharded(section, adapter)
+  model, params, config = _load_sharded(base_model, adapter)
   if config is not None:
     model = inject(model, config)
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -319,7 +319,8 @@ def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: st
   checkpoint with its tokenizer files for Hugging Face bases)."""
   if dtype is not None:
     check_float_dtype(dtype, "--dtype")
-  base_model, _, params, config = _load_sharded(section, adapter)
+  base_model = bases.resolve(section)
+  _, params, config = _load_sharded(base_model, adapter)
   return base_model.save(output, merge(params, config, dtype=dtype), dtype=dtype)
 
 

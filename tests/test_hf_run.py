@@ -107,9 +107,10 @@ def jax_leaves(tree, name):
           if getattr(kp[-1], "key", None) == name][0]
 
 
-def peft_reply(ckpt, adapter_dir, max_new_tokens):
+def peft_reply(ckpt, adapter_dir, max_new_tokens, system=None):
   tok = transformers.AutoTokenizer.from_pretrained(ckpt)
-  messages = [{"role": "user", "content": QUESTION}]
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": QUESTION}]
   ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
   model = PeftModel.from_pretrained(torch_model(ckpt), adapter_dir).eval()
   config = json.loads((ckpt / "generation_config.json").read_text())
@@ -264,3 +265,16 @@ def test_an_export_switched_off_is_named_as_stale(finished, chat_file, ckpt):
   assert code == 0, err
   assert f"note: {out / 'peft'} is from an earlier export (export.peft is off now)" in stdout
   assert f"note: {out / 'merged'} is from an earlier export" in stdout
+
+
+def test_generate_with_a_system_message_equals_peft(ckpt, finished):
+  out = finished[0]
+  system = "You are a cynical lexicographer."
+  code, stdout, err = lora_jax("generate", "--base", f"hf:{ckpt}", "--adapter", str(out / "peft"),
+                               "--chat", "--system", system, "--prompt", QUESTION,
+                               "--max-new-tokens", "12")
+  assert code == 0, err
+  assert stdout == peft_reply(ckpt, out / "peft", 12, system=system) + "\n"
+  code, _, err = lora_jax("generate", "--base", f"hf:{ckpt}", "--system", system,
+                          "--prompt", QUESTION)
+  assert code == 2 and "a system message needs chat" in err
