@@ -21,6 +21,7 @@ with the tokenizer files copied beside the safetensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from importlib import resources
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from lora_jax import data, sharding
 from lora_jax.models.llama import Llama, LlamaConfig, config_for
+from lora_jax.quantize import quantize_params
 
 ASSETS = resources.files("lora_jax") / "assets"
 RUN_OPTIONS = ("scan_layers", "remat", "dtype", "param_dtype")
@@ -54,6 +56,8 @@ class Base:
     path: the directory (None for presets).
     config: the architecture with the run options (scan, remat, dtypes).
     tokenizer_dir: where a Hugging Face tokenizer is read from (None: bytes).
+    quantize: 'none', or the format its linear kernels load in ('nf4', ...).
+    quantize_block: the quantization block (None: the format's default).
   """
 
   spec: str
@@ -61,6 +65,8 @@ class Base:
   path: Path | None
   config: LlamaConfig
   tokenizer_dir: Path | None
+  quantize: str = "none"
+  quantize_block: int | None = None
 
   @property
   def name_or_path(self) -> str:
@@ -97,7 +103,31 @@ class Base:
     return tok
 
   def load(self, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, Any]:
-    """The plain model and its params, placed on `mesh` (sharded by logical axes) if given."""
+    """The plain model and its params, placed on `mesh` (sharded by logical axes) if given,
+    its linear kernels quantized as `quantize` asks (a Hugging Face checkpoint's as they
+    are read; other bases' once loaded)."""
+    if self.kind == "hf":
+      from lora_jax.hf.llama import load_llama
+      options = {k: getattr(self.config, k) for k in RUN_OPTIONS}
+      return load_llama(self.path, mesh=mesh, quantize=self.quantize,
+                        quantize_block=self.quantize_block, **options)
+    model, params = self._load_float(mesh)
+    if self.quantize == "none":
+      return model, params
+    shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, params)
+    return model, quantize_params(params, self.quantize, block=self.quantize_block,
+                                  shardings=shardings)
+
+  def abstract_params(self, model: nn.Module, *args: Any) -> Any:
+    """`model.init`'s boxed abstract params for `args`, its base kernels quantized as
+    `load` quantizes them (for planning and for `make_train_step`)."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    if self.quantize == "none":
+      return boxed
+    return jax.eval_shape(functools.partial(quantize_params, format=self.quantize,
+                                            block=self.quantize_block), boxed)
+
+  def _load_float(self, mesh: jax.sharding.Mesh | None) -> tuple[Llama, Any]:
     model = Llama(self.config)
     sample = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
@@ -105,10 +135,6 @@ class Base:
     if self.kind == "preset":
       params = nn.unbox(jax.jit(model.init)(jax.random.key(0), sample)["params"])
       return model, params if shardings is None else jax.device_put(params, shardings)
-    if self.kind == "hf":
-      from lora_jax.hf.llama import load_llama
-      options = {k: getattr(self.config, k) for k in RUN_OPTIONS}
-      return load_llama(self.path, mesh=mesh, **options)
     saved = json.loads((self.path / "model.json").read_text()).get("scan_layers", False)
     if saved != self.config.scan_layers:
       raise ValueError(f"{self.path} was saved with scan_layers={saved}; set "
@@ -151,10 +177,12 @@ def resolve(section: Any) -> Base:
     ValueError: for an architecture lora_jax cannot load (naming it).
   """
   options = {k: getattr(section, k) for k in RUN_OPTIONS}
+  quantized = {"quantize": section.quantize, "quantize_block": section.quantize_block}
   spec = section.base
   tokenizer = Path(section.tokenizer).expanduser().resolve() if section.tokenizer else None
   if spec.startswith("preset:"):
-    return Base(spec, "preset", None, config_for(spec.split(":", 1)[1], **options), tokenizer)
+    return Base(spec, "preset", None, config_for(spec.split(":", 1)[1], **options), tokenizer,
+                **quantized)
   if spec.startswith("builtin:"):
     path = Path(str(ASSETS / spec.split(":", 1)[1]))
     if not (path / "model.json").is_file():
@@ -168,9 +196,10 @@ def resolve(section: Any) -> Base:
                               + ("" if spec.startswith("hf:") else " or model.json") + ")")
     from lora_jax.hf.llama import llama_config, read_config
     config = llama_config(read_config(path), **options)
-    return Base(spec, "hf", path, config, tokenizer or path)
+    return Base(spec, "hf", path, config, tokenizer or path, **quantized)
   described = json.loads((path / "model.json").read_text())["llama"]
-  return Base(spec, "model", path, LlamaConfig(**{**described, **options}), tokenizer)
+  return Base(spec, "model", path, LlamaConfig(**{**described, **options}), tokenizer,
+              **quantized)
 
 
 def save_model(directory, config: LlamaConfig, params, *, overwrite: bool = False) -> Path:

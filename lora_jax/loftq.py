@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoRAConfig, PathRule
-from lora_jax.quantize import QuantizedKernel, quantize
+from lora_jax.quantize import QuantizedKernel, quantize, stack
 
 
 def _low_rank(residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,14 +36,6 @@ def _low_rank(residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
   u, s, vh = np.linalg.svd(residual.astype(np.float64), full_matrices=False)
   root = np.sqrt(s[:rank])
   return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
-def _stack(parts: Sequence[QuantizedKernel]) -> QuantizedKernel:
-  """Per-layer quantized kernels as one stacked kernel."""
-  fields = {k: None if getattr(parts[0], k) is None
-            else jnp.stack([getattr(p, k) for p in parts])
-            for k in ("codes", "absmax", "absmax2", "offset")}
-  return parts[0].replace(**fields)
 
 
 def loftq(kernel: Any, rank: int, *, scale: float = 1.0, format: str = "nf4",  # noqa: A002
@@ -69,7 +61,7 @@ def loftq(kernel: Any, rank: int, *, scale: float = 1.0, format: str = "nf4",  #
   if w.ndim == 3:
     parts = [loftq(w[i], rank, scale=scale, format=format, iters=iters, block=block,
                    double=double, name=f"{name}[{i}]") for i in range(w.shape[0])]
-    return (_stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
+    return (stack([p[0] for p in parts]), np.stack([p[1] for p in parts]),
             np.stack([p[2] for p in parts]))
   if w.ndim != 2:
     raise ValueError(f"loftq: {name} has shape {w.shape}; only (in, out) kernels and stacks "

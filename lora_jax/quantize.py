@@ -35,7 +35,7 @@ True
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -144,15 +144,15 @@ class QuantizedKernel:
     return _dequantize(self).astype(dtype or self.dtype)
 
 
-def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+def _blocks(w: jax.Array, block: int) -> jax.Array:
   """`(..., in, out)` -> `(..., in // block, block, out)`."""
   *lead, n_in, n_out = w.shape
   return w.reshape(*lead, n_in // block, block, n_out)
 
 
-def _pack(q: np.ndarray) -> np.ndarray:
+def _pack(q: jax.Array) -> jax.Array:
   """4-bit codes `(..., in, out)` -> bytes `(..., in // 2, out)`, the first code high."""
-  q = q.astype(np.uint8)
+  q = q.astype(jnp.uint8)
   return (q[..., 0::2, :] << 4) | q[..., 1::2, :]
 
 
@@ -162,36 +162,69 @@ def _unpack(codes: jax.Array) -> jax.Array:
   return both.reshape(*codes.shape[:-2], 2 * codes.shape[-2], codes.shape[-1])
 
 
-def _column_major(x: np.ndarray) -> np.ndarray:
+def _column_major(x: jax.Array) -> jax.Array:
   """`(..., nb, out)` statistics flattened in torch's order of the `(out, in)` weight."""
-  return np.swapaxes(x, -1, -2).reshape(*x.shape[:-2], -1)
+  return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], -1)
 
 
-def _double(absmax: np.ndarray, table: tuple[np.ndarray, np.ndarray] | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _count_above(x: jax.Array, edges: np.ndarray) -> jax.Array:
+  """How many `edges` lie strictly below each `x` (elementwise: no `(..., len(edges))`
+  intermediate): the index of x's nearest level, a tie taking the lower."""
+  return sum((x > np.float32(e)).astype(jnp.uint8) for e in edges)
+
+
+def _double(absmax: jax.Array, table: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """QLoRA's double quantization of `(..., nb, out)` absmax: uint8 codes, absmax2, offset."""
   _, lut = table or _dynamic_lut()
   flat = _column_major(absmax)                                   # (..., nb * out)
-  offset = flat.mean(axis=-1, dtype=np.float64).astype(np.float32)
+  offset = flat.mean(axis=-1)
   x = flat - offset[..., None]
   n = x.shape[-1]
-  padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -n % DOUBLE_BLOCK)])
+  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -n % DOUBLE_BLOCK)])
   groups = padded.reshape(*x.shape[:-1], -1, DOUBLE_BLOCK)
-  absmax2 = np.abs(groups).max(axis=-1)
-  inverse = np.float32(1) / np.where(absmax2 == 0, np.float32(1), absmax2)
-  scaled = np.clip(groups * inverse[..., None], np.float32(-1), np.float32(1))
+  absmax2 = jnp.abs(groups).max(axis=-1)
+  inverse = np.float32(1) / jnp.where(absmax2 == 0, np.float32(1), absmax2)
+  scaled = jnp.clip(groups * inverse[..., None], np.float32(-1), np.float32(1))
   index = ((scaled + np.float32(1)) * np.float32(0.5) * np.float32(65535)
-           + np.float32(0.5)).astype(np.uint16)
-  q = np.where(absmax2[..., None] == 0, np.uint8(0), lut[index])
+           + np.float32(0.5)).astype(jnp.uint16)
+  q = jnp.where(absmax2[..., None] == 0, jnp.uint8(0), jnp.asarray(lut)[index])
   q = q.reshape(*x.shape[:-1], -1)[..., :n]
   nb, out = absmax.shape[-2:]
-  codes = np.swapaxes(q.reshape(*absmax.shape[:-2], out, nb), -1, -2)
-  return codes.astype(np.uint8), absmax2.astype(np.float32), offset
+  codes = jnp.swapaxes(q.reshape(*absmax.shape[:-2], out, nb), -1, -2)
+  return codes, absmax2, offset
+
+
+@functools.partial(jax.jit, static_argnames=("format", "block", "double"))
+def _quantize(w: jax.Array, format: str, block: int, double: bool  # noqa: A002
+              ) -> tuple[jax.Array, ...]:
+  """A kernel's `(codes, absmax, absmax2, offset)`, computed in float32 on its devices."""
+  w = w.astype(jnp.float32)
+  if format == "int8":
+    absmax = jnp.abs(w).max(axis=-2, keepdims=True)
+    scale = absmax / np.float32(127)
+    codes = jnp.round(w / jnp.where(scale == 0, np.float32(1), scale)).astype(jnp.int8)
+    return codes, absmax, None, None
+  blocks = _blocks(w, block)
+  absmax = jnp.abs(blocks).max(axis=-2)                          # (..., nb, out)
+  safe = jnp.where(absmax == 0, np.float32(1), absmax)  # a zero block: codes of 0.0
+  scaled = jnp.clip(blocks * (np.float32(1) / safe)[..., None, :], np.float32(-1),
+                    np.float32(1))
+  if format == "nf4":
+    q = _count_above(scaled, (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2))
+  else:
+    q = (jnp.clip(jnp.round(scaled * np.float32(7)), -7, 7) + 8).astype(jnp.uint8)
+  codes = _pack(q.reshape(w.shape))
+  if format == "nf4" and double:
+    return (codes, *_double(absmax))
+  return codes, absmax, None, None
 
 
 def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # noqa: A002
-             double: bool = True, name: str = "kernel") -> QuantizedKernel:
-  """Quantizes a `(..., in, out)` kernel (on the host, in numpy).
+             double: bool = True, name: str = "kernel",
+             sharding: jax.sharding.NamedSharding | None = None) -> QuantizedKernel:
+  """Quantizes a `(..., in, out)` kernel where it lies (jitted; abstract kernels give
+  abstract results under `jax.eval_shape`).
 
   Args:
     kernel: the dense kernel (any float dtype; it is read as float32).
@@ -200,48 +233,49 @@ def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # n
       and int4 (int4 also takes 128); int8 is per output channel.
     double: double-quantize the absmax values (nf4 only: QLoRA's default).
     name: the kernel's path, for errors.
+    sharding: the dense kernel's sharding: each device then quantizes its own
+      slice and keeps its slice of the codes and statistics
+      (`quantized_sharding`); statistics that span shards (double
+      quantization's mean and its groups of 256 blocks) are reduced across them.
 
   Raises:
     ValueError: for an unknown format, a kernel that is already quantized or
-      not at least 2-D, or a block that does not divide the input axis.
+      not at least 2-D, a block that does not divide the input axis, or (with
+      `sharding`) blocks that would straddle shards.
   """
   kernel = nn.meta.unbox(kernel)
   if isinstance(kernel, QuantizedKernel):
     raise ValueError(f"{name} is already quantized ({kernel.format})")
   if format not in FORMATS:
     raise ValueError(f"unknown quantization format {format!r}; expected one of {FORMATS}")
-  w = np.asarray(jax.device_get(kernel))
-  dtype = np.dtype(w.dtype).name
-  w = w.astype(np.float32)
-  if w.ndim < 2:
-    raise ValueError(f"{name} has shape {w.shape}: only kernels of 2 or more axes quantize")
+  shape, dtype = tuple(kernel.shape), jnp.dtype(kernel.dtype).name
+  if len(shape) < 2:
+    raise ValueError(f"{name} has shape {shape}: only kernels of 2 or more axes quantize")
   if format == "int8":
-    absmax = np.abs(w).max(axis=-2, keepdims=True)
-    scale = absmax / np.float32(127)
-    codes = np.round(w / np.where(scale == 0, np.float32(1), scale)).astype(np.int8)
-    return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax), None, None, format,
-                           dtype, w.shape[-2])
-  block = 64 if block is None else block
-  if block < 2 or block % 2 or w.shape[-2] % block:
-    raise ValueError(f"{name}: a block of {block} weights does not divide its input axis of "
-                     f"{w.shape[-2]} (shape {w.shape}); choose a block that does (even, "
-                     "e.g. 64 or 32)")
-  blocks = _blocks(w, block)
-  absmax = np.abs(blocks).max(axis=-2)                          # (..., nb, out)
-  safe = np.maximum(absmax, np.float32(1e-38))
-  scaled = np.clip(blocks * (np.float32(1) / safe)[..., None, :], np.float32(-1), np.float32(1))
-  if format == "nf4":
-    middles = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)
-    q = np.searchsorted(middles, scaled, side="left")
+    block = shape[-2]
   else:
-    q = np.clip(np.round(scaled * np.float32(7)), -7, 7).astype(np.int64) + 8
-  codes = _pack(q.reshape(w.shape))
-  if format == "nf4" and double:
-    absmax_codes, absmax2, offset = _double(absmax)
-    return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax_codes), jnp.asarray(absmax2),
-                           jnp.asarray(offset), format, dtype, block)
-  return QuantizedKernel(jnp.asarray(codes), jnp.asarray(absmax), None, None, format,
-                         dtype, block)
+    block = 64 if block is None else block
+    if block < 2 or block % 2 or shape[-2] % block:
+      raise ValueError(f"{name}: a block of {block} weights does not divide its input axis "
+                       f"of {shape[-2]} (shape {shape}); choose a block that does (even, "
+                       "e.g. 64 or 32)")
+  double = double and format == "nf4"
+  if not isinstance(kernel, (jax.Array, jax.ShapeDtypeStruct, jax.core.Tracer)):
+    kernel = np.asarray(kernel)
+  make = lambda arrays: QuantizedKernel(*arrays, format, dtype, block)
+  if sharding is None:
+    return make(_quantize(kernel, format, block, double))
+  abstract = make(jax.eval_shape(functools.partial(_quantize, format=format, block=block,
+                                                   double=double), kernel))
+  placed = quantized_sharding(abstract, sharding, name)
+  out = (placed.codes, placed.absmax, placed.absmax2, placed.offset)
+  return make(_sharded_quantizer(format, block, double, out)(kernel))
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_quantizer(format: str, block: int, double: bool, out: tuple) -> Any:  # noqa: A002
+  return jax.jit(functools.partial(_quantize, format=format, block=block, double=double),
+                 out_shardings=out)
 
 
 def _absmax(q: QuantizedKernel) -> jax.Array:
@@ -279,16 +313,46 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedKernel)
 
 
+def selector(paths: Sequence[str], targets: Sequence[str] = (".*",),
+             exclude: Sequence[str] = ("lm_head",)) -> Callable[[str], bool]:
+  """Which of the param `paths` are kernels to quantize: `kernel` leaves whose module
+  path has a trailing run matching a `targets` regex and none of `exclude`'s.
+
+  Raises:
+    ValueError: for a rule that selects no kernel among `paths`.
+  """
+  take = [PathRule.suffix("targets", t) for t in targets]
+  skip = [PathRule.suffix("exclude", e) for e in exclude]
+  modules = [p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel")]
+  for rule in take + skip:
+    if not any(rule.matches(m) for m in modules):
+      raise ValueError(f"quantize {rule} matches no kernel; kernels: {modules[:8]}")
+
+  def selected(path: str) -> bool:
+    module = path.rsplit("/", 1)[0]
+    return (path.endswith("/kernel") and any(r.matches(module) for r in take)
+            and not any(r.matches(module) for r in skip))
+
+  return selected
+
+
 def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
                     targets: Sequence[str] = (".*",), exclude: Sequence[str] = ("lm_head",),
-                    block: int | None = None, double: bool = True) -> dict:
+                    block: int | None = None, double: bool = True,
+                    shardings: Any = None) -> dict:
   """The param tree with its selected kernels quantized (a frozen QLoRA base).
 
   Only `kernel` leaves are candidates: embeddings, norms and biases keep
   their dtype. A kernel's metadata box (its logical axis names) now holds
-  its `QuantizedKernel`, so `lora_jax.param_shardings` shards it. Rules are regexes over a trailing run of a kernel's module
-  path (as `LoRAConfig.trainable`'s), `exclude` winning; by default every
-  kernel but the output head.
+  its `QuantizedKernel`, so `lora_jax.param_shardings` shards it. Rules are
+  regexes over a trailing run of a kernel's module path (as
+  `LoRAConfig.trainable`'s), `exclude` winning; by default every kernel but
+  the output head. Works on abstract params too (`jax.eval_shape`).
+
+  Args:
+    shardings: the float params' shardings (a tree like the unboxed params):
+      each kernel is quantized where it lies, into codes and statistics
+      sharded like it (see `quantize`).
 
   Raises:
     ValueError: for a tree that already holds quantized kernels, a rule that
@@ -301,24 +365,32 @@ def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
   if done:
     raise ValueError(f"the params are already quantized (e.g. {done[0]}); quantize the float "
                      "base once")
-  take = [PathRule.suffix("targets", t) for t in targets]
-  skip = [PathRule.suffix("exclude", e) for e in exclude]
-  modules = [join_path(kp).rsplit("/", 1)[0] for kp, _ in leaves if join_path(kp).endswith("/kernel")]
-  for rule in take + skip:
-    if not any(rule.matches(m) for m in modules):
-      raise ValueError(f"quantize {rule} matches no kernel; kernels: {modules[:8]}")
+  selected = selector([join_path(kp) for kp, _ in leaves], targets, exclude)
+  placement = {} if shardings is None else {
+      join_path(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(shardings)}
 
   def one(kp, x):
     path = join_path(kp)
-    module = path.rsplit("/", 1)[0]
-    if (not path.endswith("/kernel") or not any(r.matches(module) for r in take)
-        or any(r.matches(module) for r in skip)):
+    if not selected(path):
       return x
-    quantized = quantize(x, format, block=block, double=double, name=path)
+    quantized = quantize(x, format, block=block, double=double, name=path,
+                         sharding=placement.get(path))
     # A kernel's logical axis names stay on it: its codes and statistics shard by them.
     return x.replace_boxed(quantized) if isinstance(x, nn.meta.AxisMetadata) else quantized
 
   return jax.tree_util.tree_map_with_path(one, dict(params), is_leaf=boxed)
+
+
+def stack(parts: Sequence[QuantizedKernel], sharding: QuantizedKernel | None = None
+          ) -> QuantizedKernel:
+  """Quantized kernels of equal shape and format as one stacked (layers-first) kernel,
+  placed by `sharding` (from `quantized_sharding`) if given."""
+  fields = ("codes", "absmax", "absmax2", "offset")
+  arrays = [tuple(getattr(p, k) for k in fields) for p in parts]
+  out = None if sharding is None else tuple(getattr(sharding, k) for k in fields)
+  stacked = jax.jit(lambda *xs: jax.tree.map(lambda *a: jnp.stack(a), *xs),
+                    out_shardings=out)(*arrays)
+  return parts[0].replace(**dict(zip(fields, stacked)))
 
 
 def dequantize_params(params: Mapping, dtype: Any = None) -> dict:

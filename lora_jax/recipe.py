@@ -44,6 +44,13 @@ class ModelSection:
     remat: 'none', 'full', 'dots' or 'dots_with_no_batch_dims'.
     dtype: compute dtype, e.g. 'bfloat16' on TPU.
     param_dtype: storage dtype of the base params.
+    quantize: store the frozen base's linear kernels (all but the output
+      head) in 'nf4' (QLoRA's NormalFloat4, double-quantized), 'int4' or
+      'int8', quantized as they are read and dequantized layer by layer in
+      `dtype` inside the step (see `lora_jax.quantize`); 'none' keeps them in
+      `param_dtype`.
+    quantize_block: weights per quantization block along a kernel's input
+      axis for nf4 and int4 (default 64; int4 also 128).
   """
 
   base: str = "builtin:tiny-kjv"
@@ -52,10 +59,28 @@ class ModelSection:
   remat: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  quantize: str = "none"
+  quantize_block: int | None = None
 
   def __post_init__(self):
     check_float_dtype(self.dtype, "model.dtype")
     check_float_dtype(self.param_dtype, "model.param_dtype")
+    check_quantize(self.quantize, self.quantize_block, "model.")
+
+
+def check_quantize(fmt: Any, block: Any, prefix: str = "") -> None:
+  """Raises `ValueError` naming the key for an unknown format or a block it cannot take."""
+  from lora_jax.quantize import FORMATS
+  if fmt not in ("none", *FORMATS):
+    raise ValueError(f"{prefix}quantize={fmt!r}: must be one of none, {', '.join(FORMATS)}")
+  if block is None:
+    return
+  if fmt in ("none", "int8"):
+    raise ValueError(f"{prefix}quantize_block={block!r}: {fmt} has no blocks (int8 is per "
+                     "output channel); set it only for nf4 or int4")
+  if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2:
+    raise ValueError(f"{prefix}quantize_block={block!r}: must be an even number of weights, "
+                     "e.g. 64")
 
 
 @dataclasses.dataclass(frozen=True)

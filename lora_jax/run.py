@@ -111,6 +111,9 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   if full and t.lora_plus_ratio is not None:
     raise ValueError("train.lora_plus_ratio is a LoRA setting: full training has no adapters "
                      "(it would only speed up the biases and norms); leave it unset")
+  if full and cfg.model.quantize != "none":
+    raise ValueError(f"model.quantize={cfg.model.quantize} freezes the base in few bits: full "
+                     "training needs float params; set model.quantize=none")
   base_model = bases.resolve(cfg.model)
   tokenizer = base_model.tokenizer()
   train_rows, eval_rows = _datasets(cfg, tokenizer)
@@ -119,7 +122,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   llama = Llama(base_model.config)
   config = LoRAConfig(trainable=(".*",)) if full else cfg.lora
   model = llama if full else inject(llama, config)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
+  abstract = base_model.abstract_params(model, sample)
   tx = _optimizer(cfg, nn.unbox(abstract), config)
   out = Path(cfg.output_dir).resolve()
   _check_run_dir(out, cfg)

@@ -61,7 +61,7 @@ def test_dynamic_map_and_its_rounding_equal_bitsandbytes():
   np.testing.assert_allclose(q.dynamic_map(), theirs, rtol=2e-7, atol=0)
   # The rounding rule alone, on bitsandbytes' own map: the codes of its CPU kernel.
   x = np.abs(RNG.standard_normal((1, 4096)) * 0.3).astype(np.float32)
-  codes, absmax2, offset = q._double(x, q._lookup_table(theirs))
+  codes, absmax2, offset = map(np.asarray, q._double(x, q._lookup_table(theirs)))
   expected, state = bnb.quantize_blockwise(torch.from_numpy(x[0] - offset), blocksize=256)
   np.testing.assert_array_equal(codes[0], expected.numpy())
   np.testing.assert_array_equal(absmax2, state.absmax.numpy())

@@ -45,6 +45,8 @@ from safetensors.numpy import save_file
 from lora_jax import sharding
 from lora_jax.config import LoRAConfig
 from lora_jax.models.llama import Llama, LlamaConfig, unstack_layers
+from lora_jax.quantize import quantize as quantize_kernel
+from lora_jax.quantize import quantized_sharding, selector, stack
 from lora_jax.tree import merge
 
 _LAYER = re.compile(r"(?<![^/])layers_(\d+)(?=/|$)")
@@ -269,7 +271,8 @@ def _check_tensors(where: str, shapes: Mapping[str, tuple[int, ...]], config: Ll
 
 
 def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
-               rules: Any = None, **overrides: Any) -> tuple[Llama, dict]:
+               rules: Any = None, quantize: str | None = None, quantize_block: int | None = None,
+               **overrides: Any) -> tuple[Llama, dict]:
   """Reads a transformers Llama checkpoint into the reference `Llama`.
 
   Args:
@@ -282,6 +285,12 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
       each tensor its devices hold, and no device ever holds a whole tensor
       that is sharded.
     rules: logical axis rules (default `lora_jax.sharding.DEFAULT_RULES`).
+    quantize: 'nf4' (double-quantized), 'int4' or 'int8': a QLoRA base. Each
+      linear kernel but the output head is quantized as it is read, one
+      layer's tensor at a time on the devices that hold it (see
+      `lora_jax.quantize.quantize_params`), so the full-precision model never
+      exists whole in device memory. None or 'none': float params.
+    quantize_block: weights per block along the input axis (default 64).
     **overrides: other `LlamaConfig` fields, e.g. `scan_layers=True`,
       `remat='full'`.
 
@@ -310,12 +319,34 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
     shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
   target = np.dtype(jnp.dtype(config.param_dtype))
 
+  quantized = lambda path: False
+  if quantize not in (None, "none"):
+    quantized = selector(["/".join(k.key for k in kp)
+                          for kp, _ in jax.tree_util.tree_leaves_with_path(abstract)])
+
+  def dense(read, shape, where):
+    if where is None:
+      return jnp.asarray(read(tuple(slice(None) for _ in shape)).astype(target))
+    return jax.make_array_from_callback(shape, where, lambda i: read(i).astype(target))
+
   def load(kp, leaf, where=None):
     path = "/".join(k.key for k in kp)
-    read = _reader(tensors, path, leaf.shape, config.scan_layers and path.startswith("layers/"))
-    if where is None:
-      return jnp.asarray(read(tuple(slice(None) for _ in leaf.shape)).astype(target))
-    return jax.make_array_from_callback(leaf.shape, where, lambda i: read(i).astype(target))
+    stacked = config.scan_layers and path.startswith("layers/")
+    if not quantized(path):
+      return dense(_reader(tensors, path, leaf.shape, stacked), leaf.shape, where)
+    if not stacked:
+      return quantize_kernel(dense(_reader(tensors, path, leaf.shape, False), leaf.shape, where),
+                             quantize, block=quantize_block, name=path, sharding=where)
+    # A stack of layers: one layer's float tensor on the devices at a time.
+    layer_where = where and jax.sharding.NamedSharding(
+        where.mesh, jax.sharding.PartitionSpec(*tuple(where.spec)[1:]))
+    parts = [quantize_kernel(dense(_reader(tensors, path.replace("layers/", f"layers_{i}/", 1),
+                                           leaf.shape[1:], False), leaf.shape[1:], layer_where),
+                             quantize, block=quantize_block, name=f"{path}[{i}]",
+                             sharding=layer_where)
+             for i in range(leaf.shape[0])]
+    whole = jax.eval_shape(lambda w: quantize_kernel(w, quantize, block=quantize_block), leaf)
+    return stack(parts, where and quantized_sharding(whole, where, path))
 
   if shardings is None:
     return model, jax.tree_util.tree_map_with_path(load, abstract)
