@@ -8,6 +8,16 @@ allocated. For comparison it compiles full fine-tuning of the plain model
 (`LoRAConfig(trainable=['.*'])`: every param trains, AdamW state for all, in
 the params' dtype) on the same mesh and batch.
 
+QLoRA: with `--quantize nf4|int4|int8` (and `--quantize-block`) the frozen
+base's linear kernels (all but `lm_head`) are quantized as `lora-jax train`
+quantizes them (`lora_jax.quantize.quantize_params` under `jax.eval_shape` on
+the boxed abstract params, so codes and statistics keep the kernels' logical
+axes and shard like them), and the LoRA step is compiled on that base. Full
+fine-tuning of a quantized base is not possible; the comparison is then the
+LoRA step on the bf16 base. The script also prints what the stored base
+weighs: the quantized kernels' bytes (codes and statistics) over their
+weights (bits per weight), and the whole frozen base against bf16.
+
 It prints, per device, XLA's memory analysis of each compiled step (argument,
 output, temp, alias and generated-code bytes) and
 
@@ -46,6 +56,7 @@ Usage:
   python benchmarks/fit.py                                  # llama-3.1-8b, fsdp=8, batch 8 x 2048
   python benchmarks/fit.py --preset tiny --batch 8 --seq 16 # seconds, for smoke tests
   python benchmarks/fit.py --json benchmarks/results/fit_llama-3.1-8b.json
+  python benchmarks/fit.py --quantize nf4 --devices 1 --fsdp 1 --batch 2  # QLoRA, one chip
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ if __name__ == "__main__":
                                f" {_DEVICE_FLAG}={_devices_from_argv(sys.argv[1:])}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
@@ -85,7 +97,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
-from lora_jax import sharding, train  # noqa: E402
+from lora_jax import quantize, recipe, sharding, train  # noqa: E402
 from lora_jax.models import llama  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
@@ -225,15 +237,67 @@ def global_bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a) -> dict:
+def quantized_kernels(tree) -> list:
+  """The `QuantizedKernel` leaves of a (plain) param tree."""
+  return [x for x in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)
+          if quantize.is_quantized(x)]
+
+
+def base_storage(base, float_base) -> dict:
+  """What the stored frozen base weighs (whole tree, all devices), against its float self.
+
+  Args:
+    base: the frozen base as the step takes it (abstract, quantized kernels
+      as `QuantizedKernel`s of `ShapeDtypeStruct`s).
+    float_base: the same base before quantization (bf16 here).
+
+  Returns:
+    Quantized kernels: their count, weights, stored bytes (codes and
+    statistics), bytes in their own float dtype and stored bits per weight;
+    the whole base (embeddings, norms, `lm_head` included): stored bytes,
+    float bytes, weights and bits per weight.
+  """
+  kernels = quantized_kernels(base)
+  weights = sum(math.prod(k.shape) for k in kernels)
+  stored = sum(k.nbytes for k in kernels)
+  base_bytes = sum(k.nbytes if quantize.is_quantized(k) else
+                   math.prod(k.shape) * jnp.dtype(k.dtype).itemsize
+                   for k in jax.tree.leaves(base, is_leaf=quantize.is_quantized))
+  base_weights = sum(math.prod(x.shape) for x in jax.tree.leaves(float_base))
+  return {
+      "format": kernels[0].format,
+      "block": kernels[0].block,
+      "double": kernels[0].double,
+      "kernels": len(kernels),
+      "kernel_weights": weights,
+      "kernel_bytes": stored,
+      "kernel_float_bytes": sum(math.prod(k.shape) * jnp.dtype(k.dtype).itemsize
+                                for k in kernels),
+      "kernel_bits_per_weight": 8 * stored / weights,
+      "base_bytes": base_bytes,
+      "base_float_bytes": global_bytes(float_base),
+      "base_weights": base_weights,
+      "base_bits_per_weight": 8 * base_bytes / base_weights,
+  }
+
+
+def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a,
+                 quantize_format: str | None = None, quantize_block: int | None = None) -> dict:
   """Compiles one train step for abstract sharded arguments and reads XLA's figures.
 
   `ts.step.lower` traces under the step's mesh and logical axis rules, so the
-  model's activation annotations take effect.
+  model's activation annotations take effect. With `quantize_format` the
+  frozen base's kernels are quantized first (abstractly, boxes kept) and the
+  figures gain a `quantization` entry (`base_storage`).
   """
   t0 = time.perf_counter()
   ids = jnp.zeros((1, 8), jnp.int32)
   abstract_params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+  float_base = lora_jax.split(nn.unbox(abstract_params), config)[1]
+  if quantize_format is not None:
+    abstract_params = jax.eval_shape(
+        functools.partial(quantize.quantize_params, format=quantize_format,
+                          block=quantize_block), abstract_params)
   tx = optax.adamw(1e-4)
   ts = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract_params, config)
   adapters, base = lora_jax.split(nn.unbox(abstract_params), config)
@@ -282,6 +346,8 @@ def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a) -> dict
       compile_s=round(t2 - t1, 2),
       peak_rss_bytes_after=_peak_rss(),
   )
+  if quantize_format is not None:
+    figures["quantization"] = base_storage(base, float_base)
   return figures
 
 
@@ -301,27 +367,53 @@ def _ratio(a: float, b: float) -> str:
   return f"{a / b:.3f}" if b else "-"
 
 
+def labels(a) -> dict:
+  """Column titles of the steps `main` compiles."""
+  fmt = a.quantize
+  return {"lora": "LoRA" if fmt == "none" else f"QLoRA ({fmt})",
+          "lora_float": "LoRA (bf16 base)", "full": "full FT"}
+
+
+def print_storage(q: dict) -> None:
+  """The stored frozen base: quantized kernels, and the whole base against bf16."""
+  block = "per output channel" if q["format"] == "int8" else f"block {q['block']}"
+  double = ", double-quantized absmax" if q["double"] else ""
+  print(f"\nfrozen base, stored (all devices): {q['format']}, {block}{double}")
+  print(f"  {q['kernels']} quantized kernels, {q['kernel_weights']:,} weights: "
+        f"{q['kernel_bytes']:,} bytes ({_gib(q['kernel_bytes'])}; bf16 "
+        f"{_gib(q['kernel_float_bytes'])}), {q['kernel_bits_per_weight']:.3f} bits/weight")
+  print(f"  whole base (other leaves in bf16): {q['base_bytes']:,} bytes "
+        f"({_gib(q['base_bytes'])}) vs bf16 {q['base_float_bytes']:,} "
+        f"({_gib(q['base_float_bytes'])}): {_ratio(q['base_bytes'], q['base_float_bytes'])}, "
+        f"{q['base_bits_per_weight']:.3f} bits/weight over {q['base_weights']:,} weights")
+
+
 def print_report(env: dict, a, steps: dict, platform_name: str) -> None:
   for k, v in env.items():
     print(f"{k:>10}: {v}")
   mesh = f"data={a.data} fsdp={a.fsdp} tensor={a.tensor}"
   print(f"model: {a.preset}, scan_layers, remat={a.remat}, bf16 params and compute; "
         f"mesh {mesh}; batch {a.batch} x seq {a.seq}; AdamW")
-  print(f"LoRA: rank {a.rank}, alpha {2 * a.rank}, all-linear, fp32 adapters; "
-        f"full FT: every param trains, AdamW state in the params' dtype")
+  compared = ("; full FT: every param trains, AdamW state in the params' dtype"
+              if "full" in steps else "")
+  print(f"LoRA: rank {a.rank}, alpha {2 * a.rank}, all-linear, fp32 adapters{compared}")
+  if a.quantize != "none":
+    print(f"QLoRA: the frozen base's linear kernels but lm_head in {a.quantize}, dequantized "
+          "to bf16 layer by layer inside the step")
   print("activations: constrained by the model's logical axis annotations "
         "(make_train_step traces under the mesh and rules)")
   names = list(steps)
-  lora, full = steps.get("lora"), steps.get("full")
-  both = lora is not None and full is not None
+  lora = steps["lora"]
+  other = next((n for n in names if n != "lora"), None)
   width = 20
-  label = {"lora": "LoRA", "full": "full FT"}
+  label = labels(a)
+  ratio_title = f"{label['lora'].split()[0]}/{label[other].split()[0]}" if other else ""
   print(f"\n{'per device':34}" + "".join(f"{label[n]:>{width}}" for n in names) +
-        (f"{'LoRA/full':>11}" if both else ""))
+        (f"{ratio_title:>11}" if other else ""))
 
   def row(title, key, fmt="{:,}", ratio=True):
     cells = "".join(f"{fmt.format(steps[n][key]):>{width}}" for n in names)
-    extra = f"{_ratio(lora[key], full[key]):>11}" if both and ratio else ""
+    extra = f"{_ratio(lora[key], steps[other][key]):>11}" if other and ratio else ""
     print(f"{title:34}{cells}{extra}")
 
   print("  arguments (what they hold):")
@@ -353,14 +445,17 @@ def print_report(env: dict, a, steps: dict, platform_name: str) -> None:
   row("  params total", "params_total")
   row("  trace + lower, s", "trace_lower_s", "{:.1f}", ratio=False)
   row("  compile, s", "compile_s", "{:.1f}", ratio=False)
+  if "quantization" in lora:
+    print_storage(lora["quantization"])
   print(f"\npeak RSS of this process: {_gib(_peak_rss())}")
   for n in names:
     if steps[n]["unknown_trip_counts"]:
       print(f"WARNING: {label[n]}: {steps[n]['unknown_trip_counts']} loop(s) without a known trip "
             f"count, counted once: the loop-aware figures are lower bounds")
-  if both:
-    print(f"LoRA/full: memory (total) {_ratio(lora['total_bytes'], full['total_bytes'])}, "
-          f"matmul FLOPs {_ratio(lora['flops_loop_aware_dots'], full['flops_loop_aware_dots'])}")
+  if other:
+    base = steps[other]
+    print(f"{ratio_title}: memory (total) {_ratio(lora['total_bytes'], base['total_bytes'])}, "
+          f"matmul FLOPs {_ratio(lora['flops_loop_aware_dots'], base['flops_loop_aware_dots'])}")
   for n in names:
     s = steps[n]
     verdict = ", ".join(f"{chip} {'fits' if ok else 'does NOT fit'}"
@@ -385,9 +480,20 @@ def parse_args(argv=None):
   p.add_argument("--remat", default="full", choices=["none", *sorted(llama.REMAT_POLICIES)])
   p.add_argument("--devices", type=int, default=8,
                  help="simulated CPU devices (ignored when XLA_FLAGS already sets a count)")
-  p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+  p.add_argument("--quantize", default="none", choices=["none", *quantize.FORMATS],
+                 help="store the frozen base's linear kernels (all but lm_head) in this format")
+  p.add_argument("--quantize-block", type=int, default=None,
+                 help="weights per quantization block (nf4, int4; default 64)")
+  p.add_argument("--no-full", action="store_true",
+                 help="skip the comparison step (full fine-tuning; with --quantize, the LoRA "
+                      "step on the bf16 base)")
   p.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
-  return p.parse_args(argv)
+  a = p.parse_args(argv)
+  try:
+    recipe.check_quantize(a.quantize, a.quantize_block, "--")
+  except ValueError as e:
+    p.error(str(e).replace("quantize_block", "quantize-block"))
+  return a
 
 
 def main(argv=None):
@@ -402,13 +508,23 @@ def main(argv=None):
       a.preset, scan_layers=True, remat=a.remat, dtype="bfloat16", param_dtype="bfloat16"))
   lora_config = lora_jax.LoRAConfig(rank=a.rank, alpha=2 * a.rank)
 
+  lora_model = lora_jax.inject(base_model, lora_config)
+  fmt = None if a.quantize == "none" else a.quantize
+  label = labels(a)
   steps = {}
-  steps["lora"] = analyse_step(lora_jax.inject(base_model, lora_config), lora_config, mesh, a)
-  print(f"[LoRA step compiled in {steps['lora']['compile_s']:.1f} s]", file=sys.stderr, flush=True)
-  if not a.no_full:
-    steps["full"] = analyse_step(base_model, lora_jax.LoRAConfig(trainable=[".*"]), mesh, a)
-    print(f"[full FT step compiled in {steps['full']['compile_s']:.1f} s]", file=sys.stderr,
+
+  def compiled(name):
+    print(f"[{label[name]} step compiled in {steps[name]['compile_s']:.1f} s]", file=sys.stderr,
           flush=True)
+
+  steps["lora"] = analyse_step(lora_model, lora_config, mesh, a, fmt, a.quantize_block)
+  compiled("lora")
+  if not a.no_full and fmt is not None:  # a quantized base cannot train fully
+    steps["lora_float"] = analyse_step(lora_model, lora_config, mesh, a)
+    compiled("lora_float")
+  elif not a.no_full:
+    steps["full"] = analyse_step(base_model, lora_jax.LoRAConfig(trainable=[".*"]), mesh, a)
+    compiled("full")
 
   env = machine()
   print_report(env, a, steps, devices[0].platform)
@@ -421,6 +537,12 @@ def main(argv=None):
         "total_bytes": steps["lora"]["total_bytes"] / steps["full"]["total_bytes"],
         "flops_loop_aware_dots": (steps["lora"]["flops_loop_aware_dots"] /
                                   steps["full"]["flops_loop_aware_dots"]),
+    }
+  if "lora_float" in steps:
+    report["ratio_qlora_lora"] = {
+        "total_bytes": steps["lora"]["total_bytes"] / steps["lora_float"]["total_bytes"],
+        "frozen_base_bytes": (steps["lora"]["frozen_base_bytes"] /
+                              steps["lora_float"]["frozen_base_bytes"]),
     }
   if a.json:
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

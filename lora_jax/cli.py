@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass")
   gen.add_argument("--seed", type=int, default=0)
+  quantize_help = ("load the base's linear kernels quantized: nf4, int4 or int8 (a QLoRA "
+                   "adapter's own base, as trained with model.quantize)")
+  gen.add_argument("--quantize", default="none", help=quantize_help)
 
   merge = sub.add_parser("merge", help="fold an adapter into its base: a new model of the "
                          "base's kind (a Hugging Face checkpoint for hf: bases)")
@@ -60,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--adapter", required=True)
   merge.add_argument("--output", required=True)
   merge.add_argument("--dtype", help="e.g. bfloat16 (default: keep each param's dtype)")
+  merge.add_argument("--quantize", default="none", help=quantize_help + "; the adapter merges "
+                     "into the dequantized kernels")
 
   export = sub.add_parser("export-peft", help="write an adapter in PEFT's format (for "
                           "transformers, vLLM)")
@@ -83,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _size(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def _run(args: argparse.Namespace) -> int:
   # Imported here so that `--help` and argument errors answer at once.
   from lora_jax import recipe, run
@@ -94,6 +103,12 @@ def _run(args: argparse.Namespace) -> int:
       facts = run.describe(cfg)
       print(f"model: {cfg.model.base} ({facts['kind']}, Llama), {facts['layers']} layers, "
             f"{facts['params']:,} params")
+      q = facts["quantized"]
+      print(f"frozen base: {_size(facts['base_bytes'])} stored"
+            + (f" ({q['format']}: {8 * q['quantized_bytes'] / q['quantized_weights']:.3f} bits "
+               f"per weight in {q['quantized_weights']:,} quantized weights)"
+               if q["quantized_weights"] else "")
+            + f", {_size(facts['base_bf16_bytes'])} in bfloat16")
       print(f"trainable: {facts['trainable']:,} "
             f"({100 * facts['trainable'] / facts['params']:.3f}%)")
       print(f"adapted layers ({len(facts['targets'])}):")
@@ -106,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
   if args.command == "generate":
     reply = run.generate_text(
-        ModelSection(base=args.base), args.prompt, adapter=args.adapter, chat=args.chat,
+        ModelSection(base=args.base, quantize=args.quantize), args.prompt, adapter=args.adapter, chat=args.chat,
         system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed)
     print(reply if args.chat else args.prompt + reply)
@@ -120,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
       path = checkpoint.save_adapter(args.output, *hf.import_peft(args.adapter))
     print(f"adapter written: {path}")
     return 0
-  path = run.merge_adapter(ModelSection(base=args.base), args.adapter, args.output,
+  path = run.merge_adapter(ModelSection(base=args.base, quantize=args.quantize), args.adapter, args.output,
                            dtype=args.dtype)
   print(f"merged model: {path}")
   return 0

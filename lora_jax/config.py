@@ -37,6 +37,7 @@ import yaml
 
 ALL_LINEAR = "all-linear"
 A_INITS = ("kaiming_uniform", "gaussian")
+INITS = ("default", "loftq")
 # Output heads that 'all-linear' leaves alone (PEFT does the same).
 HEAD_NAMES = ("lm_head", "head", "classifier", "score")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
@@ -214,6 +215,13 @@ class LoRAConfig:
     trainable: regexes of other params that train fully (PEFT's
       `modules_to_save`, e.g. a classifier head).
     lora_dtype: dtype of the adapter params.
+    init: how a run starts the adapters: 'default' (A as `a_init`, B zero:
+      the model starts as its base) or 'loftq' (LoftQ, for a quantized base:
+      the base's kernels and A, B are fitted together so that the quantized
+      kernel plus the adapter approximates the float kernel; see
+      `lora_jax.loftq`).
+    loftq_iter: LoftQ's alternations of quantizing and fitting (PEFT's
+      `loftq_iter`), >= 1.
 
   Example:
     >>> config = LoRAConfig(rank=16, alpha=32, rank_pattern={'v_proj': 4})
@@ -233,9 +241,19 @@ class LoRAConfig:
   alpha_pattern: tuple[tuple[str, float], ...] = ()
   trainable: tuple[str, ...] = ()
   lora_dtype: str = "float32"
+  init: str = "default"
+  loftq_iter: int = 1
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
+    if self.init not in INITS:
+      _fail("init", self.init, f"must be one of {INITS}")
+    if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) \
+        or self.loftq_iter < 1:
+      _fail("loftq_iter", self.loftq_iter, "must be an integer >= 1")
+    if self.init == "loftq" and self.use_dora:
+      _fail("init", self.init, "does not start DoRA adapters (the magnitude would have to be "
+            "refitted to the quantized kernel); use plain LoRA or init='default'")
     spec = AdapterSpec(  # validates the per-layer fields
         rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora,
         dropout_rate=self.dropout_rate, a_init=self.a_init,

@@ -393,6 +393,21 @@ def stack(parts: Sequence[QuantizedKernel], sharding: QuantizedKernel | None = N
   return parts[0].replace(**dict(zip(fields, stacked)))
 
 
+def footprint(params: Any) -> dict[str, int]:
+  """What a param tree stores (arrays or `jax.ShapeDtypeStruct`s): `bytes` and `weights` in
+  all, and `quantized_bytes` and `quantized_weights` of its quantized kernels."""
+  out = dict.fromkeys(("bytes", "weights", "quantized_bytes", "quantized_weights"), 0)
+  for x in jax.tree.leaves(nn.unbox(params), is_leaf=is_quantized):
+    weights = int(np.prod(x.shape))
+    stored = x.nbytes if is_quantized(x) else weights * np.dtype(x.dtype).itemsize
+    out["bytes"] += stored
+    out["weights"] += weights
+    if is_quantized(x):
+      out["quantized_bytes"] += stored
+      out["quantized_weights"] += weights
+  return out
+
+
 def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
   """Every `QuantizedKernel` of a tree dense again (for inspection and merging)."""
   return jax.tree.map(lambda x: dequantize(x, dtype), nn.unbox(params), is_leaf=is_quantized)

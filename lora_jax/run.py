@@ -6,11 +6,15 @@ directory such as the shipped `builtin:tiny-kjv`, or a preset (see
 `lora_jax.bases`). A run directory (`output_dir`) holds `run_config.yaml`,
 `checkpoints/` (resumed automatically), and at the end `adapter/`, and as
 the `export` section asks `peft/` (a PEFT adapter) and `merged/` (a model of
-the base's kind).
+the base's kind). With `model.quantize` the frozen base is quantized as it
+loads (QLoRA); with `lora.init: loftq` the LoftQ start is computed once into
+`loftq/`, and a PEFT export comes with `loftq_base/`, the dequantized base
+those adapters belong to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +30,12 @@ import yaml
 from lora_jax import bases, checkpoint, data, distributed, sharding, train
 from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
+from lora_jax.loftq import loftq_params
 from lora_jax.models.llama import Llama, generate
 from lora_jax.optim import optimizer
 from lora_jax.recipe import ModelSection, RunConfig, check_float_dtype
-from lora_jax.tree import combine, count, merge
+from lora_jax.quantize import dequantize_params, footprint
+from lora_jax.tree import combine, count, merge, split
 
 
 def corpus_paths(specs) -> list[Path]:
@@ -111,6 +117,9 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   if full and t.lora_plus_ratio is not None:
     raise ValueError("train.lora_plus_ratio is a LoRA setting: full training has no adapters "
                      "(it would only speed up the biases and norms); leave it unset")
+  if not full and cfg.lora.init == "loftq" and cfg.model.quantize == "none":
+    raise ValueError("lora.init=loftq fits the adapters to a quantized base's error: set "
+                     "model.quantize (nf4, int4 or int8)")
   if full and cfg.model.quantize != "none":
     raise ValueError(f"model.quantize={cfg.model.quantize} freezes the base in few bits: full "
                      "training needs float params; set model.quantize=none")
@@ -126,9 +135,14 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   tx = _optimizer(cfg, nn.unbox(abstract), config)
   out = Path(cfg.output_dir).resolve()
   _check_run_dir(out, cfg)
-  _, base_params = base_model.load(mesh)
-  params = base_params if full else init_adapters(
-      model, base_params, jax.random.key(t.seed), sample)
+  if full:
+    _, params = base_model.load(mesh)
+  elif config.init == "loftq":
+    params = _loftq_start(base_model, model, config, sample, abstract, mesh, out / "loftq",
+                          jax.random.key(t.seed), log)
+  else:
+    _, base_params = base_model.load(mesh)
+    params = init_adapters(model, base_params, jax.random.key(t.seed), sample)
   step = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract,
                                config, accum_steps=t.accum_steps)
   adapters, opt_state, base = step.place(params)
@@ -193,14 +207,36 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
     log(f"model: {result['model']}")
   else:
     result.update(_export(cfg, base_model, final, config, out))
-    for name in ("adapter", "peft", "merged"):
+    for name in ("adapter", "peft", "loftq_base", "merged"):
       if name in result:
         log(f"{name}: {result[name]}")
-      elif (out / name).exists():
+      elif (out / name).exists() and name != "loftq_base":
         log(f"note: {out / name} is from an earlier export (export.{name} is off now): it "
             "does not hold this run's adapter")
   result["steps"] = state.step
   return result
+
+
+def _loftq_start(base_model: bases.Base, model: nn.Module, config: LoRAConfig, sample: Any,
+                 abstract: Any, mesh: jax.sharding.Mesh, saved: Path, rng: jax.Array,
+                 log: Callable[[str], None]) -> Any:
+  """The LoftQ start (quantized base and fitted adapters), computed once and kept in
+  `saved` (the run's `loftq/`): reruns and resumed runs read it back onto the mesh."""
+  shardings = sharding.param_shardings(abstract, mesh)
+  if not saved.exists():
+    if jax.process_count() > 1:
+      raise ValueError(f"{saved} does not exist: compute the LoftQ start once in a "
+                       "single-process run (the same command on one host, with train.steps=0), "
+                       "then start the multi-host run, which reads it")
+    float_base = dataclasses.replace(base_model, quantize="none")
+    _, params = float_base.load()
+    params = init_adapters(model, params, rng, sample)
+    log(f"LoftQ: fitting the {base_model.quantize} base and the adapters "
+        f"({config.loftq_iter} iteration(s))")
+    params = loftq_params(params, config, base_model.quantize, iters=config.loftq_iter,
+                          block=base_model.quantize_block)
+    checkpoint.save_base(saved, params)
+  return checkpoint.load_base(saved, shardings=shardings)
 
 
 def _export(cfg: RunConfig, base_model: bases.Base, params: Any, config: LoRAConfig,
@@ -210,9 +246,15 @@ def _export(cfg: RunConfig, base_model: bases.Base, params: Any, config: LoRACon
   written = {"adapter": checkpoint.save_adapter(out / "adapter", params, config, overwrite=True)}
   if e.peft if e.peft is not None else base_model.kind == "hf":
     from lora_jax import hf
+    base_name = e.base_model_name_or_path or base_model.name_or_path
+    if config.init == "loftq":
+      # LoftQ adapters belong to the base LoftQ fitted, not to the original checkpoint.
+      written["loftq_base"] = base_model.save(
+          out / "loftq_base", dequantize_params(split(params, LoRAConfig())[1]), overwrite=True)
+      base_name = e.base_model_name_or_path or str(written["loftq_base"])
     written["peft"] = hf.export_peft(
         out / "peft", params, config, model_config=base_model.config, overwrite=True,
-        base_model_name_or_path=e.base_model_name_or_path or base_model.name_or_path)
+        base_model_name_or_path=base_name)
   if e.merged if e.merged is not None else base_model.kind != "hf":
     written["merged"] = base_model.save(out / "merged", merge(params, config),
                                         dtype=e.merged_dtype, overwrite=True)
@@ -328,15 +370,18 @@ def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: st
 
 
 def describe(cfg: RunConfig) -> dict[str, Any]:
-  """Model size, trainable count and the layers the config adapts (no weights loaded)."""
+  """Model size, trainable count, the layers the config adapts and the frozen base's
+  stored bytes beside its bfloat16 bytes (no weights loaded)."""
   base_model = bases.resolve(cfg.model)
   llama = Llama(base_model.config)
   sample = jnp.zeros((1, 8), jnp.int32)
-  abstract = nn.unbox(jax.eval_shape(inject(llama, cfg.lora).init, jax.random.key(0),
-                                     sample)["params"])
+  abstract = nn.unbox(base_model.abstract_params(inject(llama, cfg.lora), sample))
   n = count(abstract, cfg.lora)
+  stored = footprint(split(abstract, cfg.lora)[1])
   return {"params": sum(n.values()), "trainable": n["lora"] + n["trainable"],
           "adapter_params": n["lora"], "targets": targets(llama, cfg.lora, sample),
           "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size,
+          "base_bytes": stored["bytes"], "base_bf16_bytes": 2 * stored["weights"],
+          "quantized": {**stored, "format": cfg.model.quantize},
           "kind": {"hf": "Hugging Face checkpoint", "model": "lora_jax model directory",
                    "preset": "preset (random weights)"}[base_model.kind]}

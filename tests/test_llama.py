@@ -64,6 +64,7 @@ def logits(params, ids):
 @pytest.mark.parametrize("name, total", [
     ("llama-3.2-1b", 1_235_814_400),
     ("llama-3.1-8b", 8_030_261_248),
+    ("llama-3.1-70b", 70_553_706_496),
     ("llama-2-7b", 6_738_415_616),
 ])
 def test_preset_param_counts_equal_published_totals(name, total):
@@ -243,7 +244,7 @@ def meta_apply_scaling(freqs, factor, low, high, old_len):
   return np.array(out)
 
 
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "llama-2-7b"])
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "llama-2-7b"])
 def test_rope_frequencies_match_hf(name):
   c = config_for(name)
   freqs = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)

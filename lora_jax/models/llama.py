@@ -141,6 +141,9 @@ PRESETS = {
                                 tie_word_embeddings=True, **_LLAMA3),
     "llama-3.1-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_layers=32,
                                 rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), **_LLAMA3),
+    "llama-3.1-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+                                 **dict(_LLAMA3, num_heads=64)),
     "llama-2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                               num_layers=32, num_heads=32, num_kv_heads=32),
 }
