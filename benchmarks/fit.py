@@ -299,7 +299,8 @@ def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a,
         functools.partial(quantize.quantize_params, format=quantize_format,
                           block=quantize_block), abstract_params)
   tx = optax.adamw(1e-4)
-  ts = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract_params, config)
+  ts = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract_params, config,
+                             accum_steps=a.accum_steps)
   adapters, base = lora_jax.split(nn.unbox(abstract_params), config)
   opt_state = jax.eval_shape(tx.init, adapters)
   args = (
@@ -393,10 +394,12 @@ def print_report(env: dict, a, steps: dict, platform_name: str) -> None:
     print(f"{k:>10}: {v}")
   mesh = f"data={a.data} fsdp={a.fsdp} tensor={a.tensor}"
   print(f"model: {a.preset}, scan_layers, remat={a.remat}, bf16 params and compute; "
-        f"mesh {mesh}; batch {a.batch} x seq {a.seq}; AdamW")
+        f"mesh {mesh}; batch {a.batch} x seq {a.seq}"
+        f"{f' in {a.accum_steps} micro-batches' if a.accum_steps > 1 else ''}; AdamW")
   compared = ("; full FT: every param trains, AdamW state in the params' dtype"
               if "full" in steps else "")
-  print(f"LoRA: rank {a.rank}, alpha {2 * a.rank}, all-linear, fp32 adapters{compared}")
+  dropout = f", dropout {a.dropout}" if a.dropout else ""
+  print(f"LoRA: rank {a.rank}, alpha {2 * a.rank}, all-linear{dropout}, fp32 adapters{compared}")
   if a.quantize != "none":
     print(f"QLoRA: the frozen base's linear kernels but lm_head in {a.quantize}, dequantized "
           "to bf16 layer by layer inside the step")
@@ -472,8 +475,11 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(llama.PRESETS))
   p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+  p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate")
   p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
   p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+  p.add_argument("--accum-steps", type=int, default=1,
+                 help="gradient accumulation: micro-batches of batch / accum-steps sequences")
   p.add_argument("--data", type=int, default=1)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--tensor", type=int, default=1)
@@ -506,7 +512,7 @@ def main(argv=None):
   mesh = sharding.make_mesh(a.data, a.fsdp, a.tensor, devices=devices[:n])
   base_model = llama.Llama(llama.config_for(
       a.preset, scan_layers=True, remat=a.remat, dtype="bfloat16", param_dtype="bfloat16"))
-  lora_config = lora_jax.LoRAConfig(rank=a.rank, alpha=2 * a.rank)
+  lora_config = lora_jax.LoRAConfig(rank=a.rank, alpha=2 * a.rank, dropout_rate=a.dropout)
 
   lora_model = lora_jax.inject(base_model, lora_config)
   fmt = None if a.quantize == "none" else a.quantize

@@ -31,3 +31,40 @@ def test_fit_benchmark_runs_tiny(tmp_path):
   assert (lora["temp_bytes"] + lora["argument_bytes"] <
           full["temp_bytes"] + full["argument_bytes"])
   assert lora["params_trained"] < full["params_trained"]
+
+
+def test_fit_benchmark_plans_qlora_against_the_bf16_base(tmp_path):
+  out = tmp_path / "fit.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Block 8: the tiny preset's 64-wide input axis over fsdp=8 leaves 8 weights a shard.
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "fit.py"), "--preset", "tiny", "--batch", "8",
+       "--seq", "16", "--rank", "2", "--quantize", "nf4", "--quantize-block", "8",
+       "--json", str(out)],
+      capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "QLoRA (nf4)" in proc.stdout and "bits/weight" in proc.stdout
+  report = json.loads(out.read_text())
+  qlora, lora = report["lora"], report["lora_float"]
+  assert "full" not in report and "quantization" not in lora
+  q = qlora["quantization"]
+  # 7 kernels a layer, 2 layers: 2 x (2 x 64 x 64 + 2 x 64 x 32 + 3 x 64 x 128) weights.
+  assert (q["format"], q["block"], q["double"], q["kernels"]) == ("nf4", 8, True, 7)
+  assert q["kernel_weights"] == 73_728
+  assert q["kernel_bits_per_weight"] == 8 * q["kernel_bytes"] / q["kernel_weights"]
+  # 4-bit codes + an 8-bit absmax code per 8 weights + double quantization's few floats.
+  assert 5.0 < q["kernel_bits_per_weight"] < 5.1
+  assert q["kernel_float_bytes"] == 2 * q["kernel_weights"]
+  assert q["base_float_bytes"] == 2 * q["base_weights"] == lora["frozen_base_global_bytes"]
+  assert q["base_bytes"] == qlora["frozen_base_global_bytes"] < q["base_float_bytes"]
+  assert qlora["frozen_base_bytes"] < lora["frozen_base_bytes"]
+  assert qlora["params_trained"] == lora["params_trained"]
+  assert report["ratio_qlora_lora"]["total_bytes"] == qlora["total_bytes"] / lora["total_bytes"]
+
+
+def test_fit_benchmark_refuses_a_block_for_int8():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "fit.py"), "--quantize", "int8",
+       "--quantize-block", "64"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  assert proc.returncode == 2 and "--quantize-block=64: int8 has no blocks" in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import lora_jax as lj
-from lora_jax import bases, recipe, sharding
+from lora_jax import bases, quantize, recipe, sharding
 from lora_jax.models.llama import Llama
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -56,10 +56,13 @@ def test_every_shipped_config_builds_abstractly(path, monkeypatch):
     cfg = recipe.load(path, [f"model.base=preset:{path.name.split('_')[0]}"])
   elif base.startswith("builtin:"):
     cfg = recipe.load(path, ["model.base=preset:tiny-byte"])
-  llama = Llama(bases.resolve(cfg.model).config)
+  resolved = bases.resolve(cfg.model)
+  llama = Llama(resolved.config)
   model = llama if "pretrain" in path.name else lj.inject(llama, cfg.lora)  # pretrain: no LoRA
   ids = jnp.zeros((1, 8), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+  abstract = resolved.abstract_params(model, ids)  # kernels quantized as model.quantize asks
+  leaves = jax.tree.leaves(abstract, is_leaf=quantize.is_quantized)
+  assert any(map(quantize.is_quantized, leaves)) == (cfg.model.quantize != "none")
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   if -1 in sizes:  # CPU configs: whatever devices there are
     sizes[sizes.index(-1)] = 8 // -(sizes[0] * sizes[1] * sizes[2])
