@@ -164,7 +164,8 @@ class _Injected:
         out = super()._call_wrapped_method(fun, args, kwargs)
     finally:
       _active.survey = None
-    if self.scope is not None and self.is_mutable_collection("params"):  # creating params
+    if (self._lora_config is not None and self.scope is not None
+        and self.is_mutable_collection("params")):  # creating params
       # Full paths, as rules see them, also for a model injected inside another.
       prefix = "".join(f"{name}/" for name in self.path)
       params = [prefix + p for p in leaf_paths(self.variables.get("params", {}))]
@@ -221,6 +222,27 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
                      "top-level model and pass it to a parent module as a field")
   base = getattr(type(model), "_lora_base", type(model))
   return _copy(model, _injected_class(base, config))
+
+
+def quantized_model(model: nn.Module) -> nn.Module:
+  """The same model without adapters, able to run on a quantized base: the linear
+  kernels of its params may be `QuantizedKernel`s (`lora_jax.quantize_params`), which
+  each layer dequantizes in its compute dtype as it runs (an injected model does this
+  already).
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import quantize_params
+    >>> dense = nn.Dense(8)
+    >>> params = dense.init(jax.random.key(0), jnp.ones((1, 64)))['params']
+    >>> quantized = quantize_params(params, 'int8', exclude=())
+    >>> quantized_model(dense).apply({'params': quantized}, jnp.ones((1, 64))).shape
+    (1, 8)
+  """
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"quantized_model expects a flax.linen Module, got {type(model).__name__}")
+  base = getattr(type(model), "_lora_base", type(model))
+  return _copy(model, _injected_class(base, None))
 
 
 def _plain(model: nn.Module) -> nn.Module:

@@ -408,6 +408,43 @@ def footprint(params: Any) -> dict[str, int]:
   return out
 
 
+def requantize_like(params: Mapping, like: Mapping) -> tuple[dict, dict[str, float]]:
+  """Merge path (b): the kernels of a dense tree (e.g. `lora_jax.merge` of adapters on a
+  quantized base) quantized again wherever `like` (that base) holds a `QuantizedKernel`, in
+  its format, block and double quantization (where each kernel lies).
+
+  Returns:
+    `(params, errors)`: the tree, and per requantized kernel the error requantizing
+    added, `||Q(M) - M||_F / ||M||_F` of the merged kernel M.
+
+  Raises:
+    ValueError: when a quantized kernel of `like` is missing from `params`.
+  """
+  reference = {join_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(
+      nn.unbox(like), is_leaf=is_quantized) if is_quantized(x)}
+  plain = nn.unbox(params)
+  present = {join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(plain)}
+  missing = sorted(reference.keys() - present)
+  if missing:
+    raise ValueError(f"requantize_like: the params lack quantized kernels of the base, e.g. "
+                     f"'{missing[0]}'")
+  errors = {}
+
+  def one(kp, x):
+    path = join_path(kp)
+    if path not in reference:
+      return x
+    ref, where = reference[path], getattr(x, "sharding", None)
+    q = quantize(x, ref.format, block=ref.block, double=ref.double, name=path,
+                 sharding=where if isinstance(where, jax.sharding.NamedSharding) else None)
+    x32 = jnp.asarray(x, jnp.float32)
+    errors[path] = float(jnp.linalg.norm(q.dequantize(jnp.float32) - x32)
+                         / jnp.maximum(jnp.linalg.norm(x32), 1e-30))
+    return q
+
+  return jax.tree_util.tree_map_with_path(one, plain), errors
+
+
 def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
   """Every `QuantizedKernel` of a tree dense again (for inspection and merging)."""
   return jax.tree.map(lambda x: dequantize(x, dtype), nn.unbox(params), is_leaf=is_quantized)

@@ -248,7 +248,7 @@ def _build(cls: type, data: Mapping[str, Any], section: str) -> Any:
     default = fields[name].default
     if default is None:  # an optional field: None, or a value of its type
       kind = str(fields[name].type).split(" |")[0]
-      default = {"bool": False, "float": 0.0, "str": ""}[kind]
+      default = {"bool": False, "int": 0, "float": 0.0, "str": ""}[kind]
       if value is None:
         values[name] = value
         continue

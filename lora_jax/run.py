@@ -29,7 +29,7 @@ import yaml
 
 from lora_jax import bases, checkpoint, data, distributed, sharding, train
 from lora_jax.config import LoRAConfig
-from lora_jax.inject import init_adapters, inject, targets
+from lora_jax.inject import init_adapters, inject, quantized_model, targets
 from lora_jax.loftq import loftq_params
 from lora_jax.models.llama import Llama, generate
 from lora_jax.optim import optimizer
@@ -290,8 +290,19 @@ def _evaluator(model, step, rows, t, host_rows):
 
 def _load_sharded(base_model: bases.Base, adapter: str | None) -> tuple[Any, ...]:
   """The base over every device (fsdp), so models larger than one chip fit, with an
-  adapter replicated beside it: `(model, params, adapter config or None)`."""
-  mesh = sharding.make_mesh(1, -1, 1)
+  adapter replicated beside it: `(model, params, adapter config or None)`. A quantized
+  base whose blocks would straddle that many shards takes the largest fsdp size they fit
+  (the other devices hold copies)."""
+  n = jax.device_count()
+  abstract = base_model.abstract_params(Llama(base_model.config), jnp.zeros((1, 1), jnp.int32))
+  for fsdp in (d for d in range(n, 0, -1) if n % d == 0):
+    mesh = sharding.make_mesh(n // fsdp, fsdp, 1)
+    try:
+      sharding.param_shardings(abstract, mesh)
+      break
+    except ValueError:
+      if fsdp == 1:
+        raise
   model, params = base_model.load(mesh)
   if adapter is None:
     return model, params, None
@@ -350,6 +361,8 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   model, params, config = _load_sharded(base_model, adapter)
   if config is not None:
     model = inject(model, config)
+  elif base_model.quantize != "none":
+    model = quantized_model(model)
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
                  stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
