@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ from lora_jax.config import AdapterSpec
 from lora_jax.layout import (
     Contraction, Layout, dense_contraction, dense_general_contraction, einsum_contraction,
     layout_of, read_layout)
-from lora_jax.quantize import dequantize, is_quantized
+from lora_jax.quantize import axes_of, dequantize, is_quantized
 
 
 def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None,
@@ -239,6 +240,7 @@ def base_output(module: nn.Module, contraction: Contraction, inputs: jax.Array,
   kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
   if not is_quantized(kernel):
     return call()
+  kernel = _gathered(kernel, axes_of("/".join(module.path)))
   bias = (nn.meta.unbox(module.get_variable("params", "bias"))
           if module.has_variable("params", "bias") else None)
   dtype = module.dtype or jnp.result_type(inputs, kernel.dtype,
@@ -250,6 +252,25 @@ def base_output(module: nn.Module, contraction: Contraction, inputs: jax.Array,
     letters = "".join(ch for ch in c.outputs if ch in c.kernel)
     outputs = outputs + _align(bias.astype(dtype), letters, c.outputs)
   return outputs
+
+
+def _gathered(kernel: Any, names: Sequence[str | None] | None) -> Any:
+  """A quantized kernel's codes and block statistics gathered over the `fsdp` mesh axis
+  (under the step's logical axis rules, its logical axis `names` from
+  `lora_jax.quantize.kernel_axes`): FSDP gathers a kernel for its matmul, and this
+  way 4 or 8 bits a weight cross the wire, not the dequantized compute dtype."""
+  rules = nn.get_logical_axis_rules()
+  if not rules or names is None or len(names) < kernel.codes.ndim:
+    return kernel
+  names = tuple(names)[len(names) - kernel.codes.ndim:]  # a layer of a stack: its own axes
+
+  def fsdp(name: str | None) -> bool:
+    axes = nn.logical_to_mesh_axes((name,), rules)[0] if name is not None else None
+    return "fsdp" in (axes if isinstance(axes, tuple) else (axes,))
+
+  kept = tuple(None if fsdp(name) else name for name in names)
+  return kernel.replace(codes=nn.with_logical_constraint(kernel.codes, kept),
+                        absmax=nn.with_logical_constraint(kernel.absmax, kept))
 
 
 def _low_rank_update(contraction: Contraction, layout: Layout, x: jax.Array, a: jax.Array,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoRAConfig, PathRule
-from lora_jax.quantize import QuantizedKernel, quantize, stack
+from lora_jax.quantize import DEFAULT_EXCLUDE, QuantizedKernel, quantize, stack
 
 
 def _low_rank(residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ def relative_error(kernel: Any, q: QuantizedKernel, lora_a: Any = None, lora_b: 
 
 
 def loftq_params(params: Mapping, config: LoRAConfig, format: str = "nf4", *,  # noqa: A002
-                 iters: int = 1, exclude: Sequence[str] = ("lm_head",), block: int | None = None,
+                 iters: int = 1, exclude: Sequence[str] = DEFAULT_EXCLUDE, block: int | None = None,
                  double: bool = True) -> dict:
   """A LoftQ start for params with fresh adapters (`init_adapters` on the float base).
 

@@ -34,8 +34,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +55,7 @@ NF4_LEVELS = np.array([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 DOUBLE_BLOCK = 256  # QLoRA's block of absmax values
+DEFAULT_EXCLUDE = ("lm_head",)  # the output head stays in its dtype
 
 
 def dynamic_map() -> np.ndarray:
@@ -308,13 +311,43 @@ def dequantize(x: Any, dtype: Any = None) -> Any:
   return x.dequantize(dtype) if isinstance(x, QuantizedKernel) else x
 
 
+_KERNEL_AXES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "quantized_kernel_axes", default=None)
+
+
+@contextlib.contextmanager
+def kernel_axes(params: Any) -> Iterator[None]:
+  """Within: the logical axis names of the quantized kernels of boxed `params`, by module
+  path, for the layers that run on them (`axes_of`).
+
+  A train step holds unboxed params; with the names, a layer gathers its kernel's codes
+  over the `fsdp` mesh axis before dequantizing, as FSDP gathers a float kernel, so 4 or 8
+  bits a weight cross the wire instead of the compute dtype.
+  """
+  names = {}
+  for kp, x in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)):
+    if isinstance(x, nn.meta.AxisMetadata) and is_quantized(getattr(x, "value", None)):
+      names[join_path(kp).rsplit("/", 1)[0]] = getattr(x, "names", None)
+  token = _KERNEL_AXES.set(names)
+  try:
+    yield
+  finally:
+    _KERNEL_AXES.reset(token)
+
+
+def axes_of(module_path: str) -> tuple | None:
+  """The logical axis names of the quantized kernel at `module_path` (see `kernel_axes`)."""
+  return (_KERNEL_AXES.get() or {}).get(module_path)
+
+
 def is_quantized(x: Any) -> bool:
   """Whether `x` is a `QuantizedKernel` (a leaf for tree maps with `is_leaf`)."""
   return isinstance(x, QuantizedKernel)
 
 
 def selector(paths: Sequence[str], targets: Sequence[str] = (".*",),
-             exclude: Sequence[str] = ("lm_head",)) -> Callable[[str], bool]:
+             exclude: Sequence[str] = DEFAULT_EXCLUDE) -> Callable[[str], bool]:
   """Which of the param `paths` are kernels to quantize: `kernel` leaves whose module
   path has a trailing run matching a `targets` regex and none of `exclude`'s.
 
@@ -324,7 +357,8 @@ def selector(paths: Sequence[str], targets: Sequence[str] = (".*",),
   take = [PathRule.suffix("targets", t) for t in targets]
   skip = [PathRule.suffix("exclude", e) for e in exclude]
   modules = [p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel")]
-  for rule in take + skip:
+  # The default exclusion may match nothing: models with tied embeddings have no head.
+  for rule in take + (skip if tuple(exclude) != DEFAULT_EXCLUDE else []):
     if not any(rule.matches(m) for m in modules):
       raise ValueError(f"quantize {rule} matches no kernel; kernels: {modules[:8]}")
 
@@ -337,7 +371,7 @@ def selector(paths: Sequence[str], targets: Sequence[str] = (".*",),
 
 
 def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
-                    targets: Sequence[str] = (".*",), exclude: Sequence[str] = ("lm_head",),
+                    targets: Sequence[str] = (".*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
                     block: int | None = None, double: bool = True,
                     shardings: Any = None) -> dict:
   """The param tree with its selected kernels quantized (a frozen QLoRA base).

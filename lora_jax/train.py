@@ -22,6 +22,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lora_jax.config import LoRAConfig
+from lora_jax.quantize import kernel_axes
 from lora_jax.sharding import (
     DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
 from lora_jax.tree import check_trainable_rules, combine, split
@@ -66,13 +67,14 @@ class InMesh:
   may keep the whole batch's activations on every device.
   """
 
-  def __init__(self, fn: Callable, mesh: Mesh, rules):
-    self.fn, self.mesh, self.rules = fn, mesh, tuple(rules)
+  def __init__(self, fn: Callable, mesh: Mesh, rules, params: Any = None):
+    self.fn, self.mesh, self.rules, self.params = fn, mesh, tuple(rules), params
 
   def _context(self):
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
+    stack.enter_context(kernel_axes(self.params))  # quantized kernels gather their codes
     return stack
 
   def __call__(self, *args):
@@ -216,6 +218,6 @@ def make_train_step(
       train_step,
       in_shardings=(adapter_sh, opt_sh, base_sh, batch_sh, scalar),
       out_shardings=(adapter_sh, opt_sh, scalar),
-      donate_argnums=(0, 1)), mesh, rules)
+      donate_argnums=(0, 1)), mesh, rules, abstract_params)
   return TrainStep(step, jax.jit(tx.init, out_shardings=opt_sh), config, adapter_sh, base_sh,
                    opt_sh, batch_sh)

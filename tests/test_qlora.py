@@ -192,6 +192,18 @@ def test_a_train_step_on_a_sharded_quantized_base_equals_one_device(base):
     if shape[1] == 8:
       codes = frozen["layers_0"]["mlp"]["up_proj"]["kernel"].codes
       assert len(codes.sharding.device_set) == 8 and not codes.sharding.is_fully_replicated
+      # FSDP gathers each kernel's 4-bit codes and dequantizes after: no float kernel
+      # crosses the wire.
+      hlo = step.step.lower(adapters, opt_state, frozen, batch, jax.random.key(0)
+                            ).compile().as_text()
+      gathered = [re.search(r"= (\w+)\[([\d,]*)\]", line).groups()
+                  for line in hlo.splitlines() if " all-gather(" in line]
+      kernels = {tuple(x.shape) for x in jax.tree.leaves(frozen, is_leaf=q.is_quantized)
+                 if q.is_quantized(x)}
+      assert any(kind == "u8" for kind, _ in gathered)
+      floats = {tuple(int(d) for d in dims.split(",")) for kind, dims in gathered
+                if kind in ("f32", "bf16")}
+      assert not floats & kernels, floats & kernels
     for i in range(2):
       adapters, opt_state, metrics = step.step(adapters, opt_state, frozen, batch,
                                                jax.random.key(i))
