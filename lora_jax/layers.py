@@ -269,8 +269,10 @@ def _gathered(kernel: Any, names: Sequence[str | None] | None) -> Any:
     return "fsdp" in (axes if isinstance(axes, tuple) else (axes,))
 
   kept = tuple(None if fsdp(name) else name for name in names)
-  return kernel.replace(codes=nn.with_logical_constraint(kernel.codes, kept),
-                        absmax=nn.with_logical_constraint(kernel.absmax, kept))
+  # The barrier keeps XLA from laying out (copying) the whole stacked codes for the gather.
+  codes, absmax = jax.lax.optimization_barrier((kernel.codes, kernel.absmax))
+  return kernel.replace(codes=nn.with_logical_constraint(codes, kept),
+                        absmax=nn.with_logical_constraint(absmax, kept))
 
 
 def _low_rank_update(contraction: Contraction, layout: Layout, x: jax.Array, a: jax.Array,

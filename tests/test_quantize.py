@@ -123,6 +123,17 @@ def test_quantize_params_takes_the_linear_kernels_but_the_head():
   assert not q.is_quantized(some["layers_1"]["self_attn"]["k_proj"]["kernel"])
 
 
+def test_models_with_tied_embeddings_quantize_by_default():
+  """Their head is the embedding: the default exclusion of `lm_head` has nothing to match."""
+  model = Llama(config_for("tiny", vocab_size=320, tie_word_embeddings=True))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  assert "lm_head" not in params
+  quantized = nn_unbox(q.quantize_params(params, "nf4"))
+  assert q.is_quantized(quantized["layers_0"]["mlp"]["down_proj"]["kernel"])
+  with pytest.raises(ValueError, match="exclude rule 'lm_head' matches no kernel"):
+    q.quantize_params(params, "nf4", exclude=["lm_head", "q_proj"])
+
+
 def nn_unbox(tree):
   import flax.linen as nn
   return nn.unbox(tree)
