@@ -226,16 +226,18 @@ def _loftq_start(base_model: bases.Base, model: nn.Module, config: LoRAConfig, s
   if not saved.exists():
     if jax.process_count() > 1:
       raise ValueError(f"{saved} does not exist: compute the LoftQ start once in a "
-                       "single-process run (the same command on one host, with train.steps=0), "
-                       "then start the multi-host run, which reads it")
-    float_base = dataclasses.replace(base_model, quantize="none")
-    _, params = float_base.load()
-    params = init_adapters(model, params, rng, sample)
+                       "single-process run (the same command on one host, with train.steps=0, "
+                       "output_dir on storage every host reads), then start the multi-host "
+                       "run, which reads it")
     log(f"LoftQ: fitting the {base_model.quantize} base and the adapters "
         f"({config.loftq_iter} iteration(s))")
-    params = loftq_params(params, config, base_model.quantize, iters=config.loftq_iter,
-                          block=base_model.quantize_block)
-    checkpoint.save_base(saved, params)
+    # In host memory: the float base need not fit the accelerators, and the SVDs run there.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      _, params = dataclasses.replace(base_model, quantize="none").load()
+      params = init_adapters(model, params, rng, sample)
+      params = loftq_params(params, config, base_model.quantize, iters=config.loftq_iter,
+                            block=base_model.quantize_block)
+      checkpoint.save_base(saved, params)
   return checkpoint.load_base(saved, shardings=shardings)
 
 
