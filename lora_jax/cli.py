@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, default=0)
   quantize_help = ("load the base's linear kernels quantized: nf4, int4 or int8 (a QLoRA "
                    "adapter's own base, as trained with model.quantize)")
+  block_help = "the quantization block the adapter was trained with (model.quantize_block)"
   gen.add_argument("--quantize", default="none", help=quantize_help)
+  gen.add_argument("--quantize-block", type=int, help=block_help)
 
   merge = sub.add_parser("merge", help="fold an adapter into its base: a new model of the "
                          "base's kind (a Hugging Face checkpoint for hf: bases)")
@@ -65,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--dtype", help="e.g. bfloat16 (default: keep each param's dtype)")
   merge.add_argument("--quantize", default="none", help=quantize_help + "; the adapter merges "
                      "into the dequantized kernels")
+  merge.add_argument("--quantize-block", type=int, help=block_help)
 
   export = sub.add_parser("export-peft", help="write an adapter in PEFT's format (for "
                           "transformers, vLLM)")
@@ -88,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _base(args: argparse.Namespace):
+  """The base (a `ModelSection`) that `generate` and `merge` name."""
+  from lora_jax.recipe import ModelSection
+  return ModelSection(base=args.base, quantize=args.quantize,
+                      quantize_block=args.quantize_block)
+
+
 def _size(n: int) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
@@ -95,7 +105,6 @@ def _size(n: int) -> str:
 def _run(args: argparse.Namespace) -> int:
   # Imported here so that `--help` and argument errors answer at once.
   from lora_jax import recipe, run
-  from lora_jax.recipe import ModelSection
 
   if args.command in ("train", "pretrain", "info"):
     cfg = recipe.load(args.config, args.overrides)
@@ -121,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
   if args.command == "generate":
     reply = run.generate_text(
-        ModelSection(base=args.base, quantize=args.quantize), args.prompt, adapter=args.adapter, chat=args.chat,
+        _base(args), args.prompt, adapter=args.adapter, chat=args.chat,
         system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed)
     print(reply if args.chat else args.prompt + reply)
@@ -135,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
       path = checkpoint.save_adapter(args.output, *hf.import_peft(args.adapter))
     print(f"adapter written: {path}")
     return 0
-  path = run.merge_adapter(ModelSection(base=args.base, quantize=args.quantize), args.adapter, args.output,
+  path = run.merge_adapter(_base(args), args.adapter, args.output,
                            dtype=args.dtype)
   print(f"merged model: {path}")
   return 0

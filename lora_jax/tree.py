@@ -61,9 +61,9 @@ def check_trainable_rules(params: Any, config: LoRAConfig | None) -> None:
   for kp, x in jax.tree_util.tree_leaves_with_path(nn.unbox(params), is_leaf=is_quantized):
     path = join_path(kp)
     if is_quantized(x) and config.is_trainable(path):
-      raise ValueError(f"trainable rule {config.trainable_rule(path)!r} selects the quantized kernel "
-                       f"'{path}': a quantized base is frozen; narrow the rule, or keep that "
-                       "kernel in float (quantize_params' exclude)")
+      raise ValueError(f"trainable rule {config.trainable_rule(path)!r} selects the quantized "
+                       f"kernel '{path}': a quantized base is frozen; narrow the rule, or keep "
+                       "that kernel in float (quantize_params' exclude)")
 
 
 def leaf_paths(tree: Any) -> list[str]:

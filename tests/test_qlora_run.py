@@ -174,6 +174,25 @@ def test_generate_and_merge_on_the_quantized_base(ckpt, qlora, tmp_path):
                              atol=1e-4)
 
 
+def test_merge_quantize_block_takes_effect(ckpt, qlora, tmp_path):
+  out = qlora[0]
+  code, _, err = lora_jax("merge", "--base", f"hf:{ckpt}", "--quantize", "nf4",
+                          "--quantize-block", "32", "--adapter", str(out / "adapter"),
+                          "--output", str(tmp_path / "m32"))
+  assert code == 0, err
+  _, dense = bases.resolve(ModelSection(base=f"hf:{ckpt}")).load()
+  merged = {}
+  for block in (32, 64):
+    quantized = q.quantize_params(dense, "nf4", block=block)
+    adapters, config = run.load_adapter(out / "adapter", quantized)
+    merged[block] = lj.merge(lj.combine(adapters, quantized), config)
+  from safetensors.numpy import load_file
+  written = load_file(tmp_path / "m32" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+  ours = lambda block: np.asarray(merged[block]["layers_0"]["mlp"]["up_proj"]["kernel"]).T
+  np.testing.assert_allclose(written, ours(32), atol=1e-6)
+  assert np.abs(written - ours(64)).max() > 1e-4
+
+
 def test_requantizing_a_merge_reports_the_error_it_adds(ckpt, qlora):
   base = bases.resolve(ModelSection(base=f"hf:{ckpt}"))
   _, dense = base.load()
