@@ -12,7 +12,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax import quantize as q
-from lora_jax.layers import LoRADense
+from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.models.llama import Llama, config_for, stack_layers
 
 TINY = config_for("tiny", vocab_size=320)
@@ -69,6 +69,24 @@ def test_lora_layer_and_dora_on_a_quantized_kernel():
     dense = {**params, "kernel": quantized["kernel"].dequantize()}
     np.testing.assert_allclose(layer.apply({"params": quantized}, x),
                                layer.apply({"params": dense}, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda: LoRADenseGeneral((4, 8), axis=-1, rank=2), (3, 64)),        # kernel (64, 4, 8)
+    (lambda: LoRADenseGeneral(16, axis=(-2, -1), rank=2), (3, 4, 32)),   # kernel (4, 32, 16)
+    (lambda: LoRAEinsum((64, 2, 16), "btd,dnh->btnh", rank=2), (2, 3, 64)),
+    (lambda: LoRAEinsum((64, 2, 16), "btd,dnh->btnh", rank=2, use_dora=True), (2, 3, 64)),
+])
+def test_dense_general_and_einsum_layers_on_quantized_kernels(make, x_shape):
+  """Blocks run along the kernel's second-last axis whatever it means; the layer computes
+  on exactly the dequantized kernel."""
+  layer, x = make(), jax.random.normal(jax.random.key(0), x_shape)
+  params = trained(layer.init(jax.random.key(1), x)["params"])
+  quantized = {**params, "kernel": q.quantize(params["kernel"], "nf4", block=2)}
+  dense = {**params, "kernel": quantized["kernel"].dequantize()}
+  assert np.abs(np.asarray(dense["kernel"]) - np.asarray(params["kernel"])).max() > 0
+  np.testing.assert_allclose(layer.apply({"params": quantized}, x),
+                             layer.apply({"params": dense}, x), rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_compute_dequantizes_to_bfloat16(base):
