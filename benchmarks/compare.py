@@ -9,6 +9,9 @@ q/k/v/o/gate/up/down for every contender (contenders.py):
    worker process per contender, warm steps interleaved across the workers
    (A B C D E, E D C B A, ...), the median per contender, as a ratio to lora_jax.
    Each worker's peak RSS is its own (Linux VmHWM, what `ru_maxrss` reads).
+   QLoRA in the same rounds: lora_jax and qwix LoRA on the same weights
+   quantized to NF4 (contenders.py says how each quantizes), their step times
+   as ratios to lora_jax's NF4 step and to the float lora_jax step.
 2. XLA FLOPs and memory of the compiled lora_jax LoRA step vs the full
    fine-tuning step (also with `scan_layers=True, remat='full'`, as the TPU configs
    run, compiled only).
@@ -53,6 +56,7 @@ SIZES = {
                   num_heads=12, num_kv_heads=4, max_position_embeddings=2048),
 }
 CONTENDERS = ("lora_jax", "nnx", "qwix", "peft", "full")
+QLORA = ("lora_jax_nf4", "qwix_nf4")  # reported apart from CONTENDERS (the 'qlora' key)
 TARGETS = dict(flop_ratio=0.70, memory_ratio=0.40)
 
 
@@ -122,19 +126,31 @@ def summarise(r: dict) -> dict:
                                  full["remat_full"]["total_bytes"])
       s["flop_ratio_remat"] = lj["remat_full"]["flops"] / full["remat_full"]["flops"]
   jax_peers = [n for n in ("nnx", "qwix") if n in t]
-  met = {
-      "step no slower than any JAX peer": all(t[n]["ratio_to_lora_jax"] >= 1 for n in jax_peers),
-      "step faster than PEFT": t.get("peft", {}).get("ratio_to_lora_jax", 0) > 1,
-      f"LoRA/full FLOPs <= {TARGETS['flop_ratio']}": s.get("flop_ratio", 9) <= TARGETS["flop_ratio"],
-      f"LoRA/full compiled memory <= {TARGETS['memory_ratio']}":
-          s.get("memory_ratio", 9) <= TARGETS["memory_ratio"],
-  }
+  q = r.get("qlora", {})
+  if "lora_jax_nf4" in q and "qwix_nf4" in q:
+    s["qlora_step_ratio_qwix"] = q["qwix_nf4"]["ratio_to_lora_jax_nf4"]
+    s["qlora_flop_ratio_qwix"] = q["qwix_nf4"]["flops"] / q["lora_jax_nf4"]["flops"]
+  if "lora_jax_nf4" in q and "lora_jax" in t:
+    s["qlora_step_ratio_float"] = q["lora_jax_nf4"]["ratio_to_lora_jax"]
+    s["qlora_flop_ratio_float"] = q["lora_jax_nf4"]["flops"] / t["lora_jax"]["flops"]
+  met = {}  # only the targets whose contenders ran (--contenders may pick a few)
+  if "lora_jax" in t and jax_peers:
+    met["step no slower than any JAX peer"] = all(t[n]["ratio_to_lora_jax"] >= 1
+                                                  for n in jax_peers)
+  if "lora_jax" in t and "peft" in t:
+    met["step faster than PEFT"] = t["peft"]["ratio_to_lora_jax"] > 1
+  if "flop_ratio" in s:
+    met[f"LoRA/full FLOPs <= {TARGETS['flop_ratio']}"] = s["flop_ratio"] <= TARGETS["flop_ratio"]
+    met[f"LoRA/full compiled memory <= {TARGETS['memory_ratio']}"] = (
+        s["memory_ratio"] <= TARGETS["memory_ratio"])
   if "memory_ratio_remat" in s:
     met[f"LoRA/full compiled memory <= {TARGETS['memory_ratio']} with scan + remat"] = (
         s["memory_ratio_remat"] <= TARGETS["memory_ratio"])
   if "forward" in r:
     met["merged forward FLOPs == base"] = (r["forward"]["flops"]["merged"] ==
                                            r["forward"]["flops"]["base"])
+  if "qlora_step_ratio_qwix" in s:
+    met["NF4 step no slower than qwix NF4"] = s["qlora_step_ratio_qwix"] >= 1
   s["targets"] = met
   return s
 
@@ -177,8 +193,8 @@ def main() -> None:
   p.add_argument("--pause", type=float, help="seconds between steps (default 0.2; tiny 0)")
   p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                  help="torch intra-op threads (default: every core, as XLA uses)")
-  p.add_argument("--contenders", default=",".join(CONTENDERS),
-                 help="comma-separated subset of " + ",".join(CONTENDERS))
+  p.add_argument("--contenders", default=",".join(CONTENDERS + QLORA),
+                 help="comma-separated subset of " + ",".join(CONTENDERS + QLORA))
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                  help="also compile both steps with remat='full' (default: on, off with --tiny)")
@@ -187,7 +203,7 @@ def main() -> None:
   tiny = a.tiny
   sizes = ["tiny"] if tiny else (["small", "large"] if a.size == "both" else [a.size])
   names = [n for n in a.contenders.split(",") if n]
-  if unknown := set(names) - set(CONTENDERS):
+  if unknown := set(names) - set(CONTENDERS + QLORA):
     p.error(f"unknown contenders {sorted(unknown)}")
   pick = lambda value, full, small: value if value is not None else (small if tiny else full)
   steps, seq = pick(a.steps, 10, 2), pick(a.seq, 128, 16)
@@ -227,7 +243,13 @@ def main() -> None:
         jobs.update({k: Worker("inference.py", *v, arg, log=log) for k, v in timed.items()})
       print(f"[{size}] {r['params']:,} params; {', '.join(names)}: set-up, then {steps} steps "
             f"interleaved; beside the set-up: {', '.join(jobs)}", flush=True)
-      r["train"], answers = train_steps(spec, names, steps, pause, log, jobs)
+      train, answers = train_steps(spec, names, steps, pause, log, jobs)
+      r["train"] = {n: c for n, c in train.items() if n in CONTENDERS}
+      if qlora := {n: c for n, c in train.items() if n in QLORA}:
+        ref = qlora.get("lora_jax_nf4", next(iter(qlora.values())))["median_s"]
+        for c in qlora.values():
+          c["ratio_to_lora_jax_nf4"] = c["median_s"] / ref
+        r["qlora"] = qlora
       for k, v in timed.items():
         if k not in answers:
           print(f"[{size}] {k}", flush=True)

@@ -18,10 +18,23 @@ no dropout), in float32:
   full       full fine-tuning of the linen model: a plain `jax.jit` step,
              every param trained
 
+QLoRA: the same LoRA on a frozen NF4 base (the same float weights quantized;
+the output head, embeddings and norms stay float32), dequantized to float32
+in the step:
+
+  lora_jax_nf4  `lora_jax.quantize.quantize_params(base, 'nf4')`: blocks of 64
+                weights along the input axis, double quantization (8-bit
+                absmax codes), bit-exact with bitsandbytes; then as lora_jax
+  qwix_nf4      `qwix.LoraProvider(..., weight_qtype='nf4', tile_size=64)` and
+                `qwix.quantize_params`: the same blocks and levels, float32
+                absmax per block, no double quantization; then as qwix
+
 Protocol: `python contenders.py NAME SPEC_JSON` builds the contender, runs
 two warm-up steps (the first compiles) and prints one line `@@ {...}` (setup
 figures); then each `step` line on stdin runs one step and answers
-`@@ {"t": seconds, "loss": ...}`; `done` answers with the peak RSS and exits.
+`@@ {"t": seconds, "loss": ...}`; `done` answers with the peak RSS (and any
+figures a builder leaves for after the steps, which would weigh on the peaks) and
+exits.
 Peak RSS is Linux's VmHWM: `peak_rss` over the worker's life (imports,
 set-up, compilation, steps), `peak_rss_steps` while the timed steps ran
 (the peak is reset once warm). With `figures_only` in the spec a worker
@@ -32,7 +45,9 @@ use them (the PEFT worker never imports jax).
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import resource
 import sys
@@ -40,6 +55,8 @@ import time
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR, WEIGHT_DECAY = 1e-4, 0.01
+NF4_BLOCK = 64  # QLoRA's (and bitsandbytes') block of weights per absmax
+AFTER_STEPS = "after_steps"  # an info key: figures a worker computes once its peaks are read
 
 
 def _status(key: str) -> int:
@@ -170,19 +187,25 @@ def _run_split_step(jitted, trained, frozen, ids, tx):
   return step, info
 
 
-def build_lora_jax(spec: dict):
+def build_lora_jax(spec: dict, quantize: str | None = None):
+  """lora_jax's step; with `quantize` ('nf4', ...) on a base quantized by `lora_jax.quantize`."""
   import jax
   import optax
   import lora_jax as lj
+  from lora_jax import quantize as lq
   from lora_jax import sharding, train
 
   llama, base, ids = _linen_base(spec)
   config = lj.LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], targets=list(TARGETS))
   model = lj.inject(llama, config)
+  if quantize:
+    base = lq.quantize_params(base, quantize)
   params = lj.init_adapters(model, base, jax.random.key(1), ids)
   del base
   ref = jax.jit(model.apply)({"params": params}, ids)  # jitted: eager ops compile one by one
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]  # boxed: shardings
+  if quantize:
+    abstract = jax.eval_shape(functools.partial(lq.quantize_params, format=quantize), abstract)
   tx = lj.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY), lj.split(params)[0], config)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   t = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract, config)
@@ -191,6 +214,11 @@ def build_lora_jax(spec: dict):
   batch, rng = t.shard_batch({"input_ids": ids}), jax.random.key(2)
   info = _compiled_figures(t.step, adapters, opt_state, base, batch, rng)
   info.update(trained_params=_count(adapters), total_params=_count(adapters) + _count(base))
+  if quantize:
+    kernels = [x for x in jax.tree.leaves(base, is_leaf=lq.is_quantized) if lq.is_quantized(x)]
+    weights = sum(math.prod(k.shape) for k in kernels)
+    info.update(quantized_kernels=len(kernels), quantized_weights=weights,
+                bits_per_weight=8 * sum(k.nbytes for k in kernels) / weights)
   state = {"adapters": adapters, "opt": opt_state}
 
   def step():
@@ -212,17 +240,25 @@ def build_full(spec: dict):
   return step, ref, info
 
 
-def build_qwix(spec: dict):
+def build_qwix(spec: dict, weight_qtype: str | None = None):
+  """qwix's LoRA; with `weight_qtype` ('nf4') qwix's QLoRA, blocks of 64 input weights."""
   import jax
   import optax
   import qwix
   from flax import traverse_util
 
   llama, base, ids = _linen_base(spec)
+  quantized = {} if weight_qtype is None else dict(weight_qtype=weight_qtype,
+                                                   tile_size=NF4_BLOCK)
   provider = qwix.LoraProvider(module_path=".*/(" + "|".join(TARGETS) + ")",
                                rank=spec["rank"], alpha=float(spec["alpha"]),
-                               lora_a_initializer=_peft_a_init())
+                               lora_a_initializer=_peft_a_init(), **quantized)
   model = qwix.apply_lora_to_model(llama, provider)
+  if weight_qtype is not None:
+    # The float weights quantized as qwix's step expects them (a float kernel fed to a
+    # quantized model is an error outside `init`).
+    abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    base = qwix.quantize_params(base, abstract)
 
   def adapters_of(key, base):  # creates only the missing (LoRA) params, like init_adapters
     _, state = model.apply({"params": base}, ids, rngs={"params": key}, mutable=["params"])
@@ -238,7 +274,55 @@ def build_qwix(spec: dict):
   ref = jax.jit(apply)(traverse_util.unflatten_dict(flat), ids)
   step, info = _run_split_step(jitted, adapters, base, ids, tx)
   info.update(trained_params=_count(adapters), total_params=_count(adapters) + _count(base))
+  if weight_qtype is not None:
+    info.update(_qwix_storage(base))
+  if weight_qtype == "nf4":  # after the timed steps, off the RSS figures (see main)
+    info[AFTER_STEPS] = lambda: {"vs_lora_jax_nf4": _qwix_vs_lora_jax_nf4(
+        _linen_base(spec)[1], base)}
   return step, ref, info
+
+
+def _qwix_kernels(base) -> dict:
+  """qwix's quantized kernels (`QArray`s, in its `WithAux` leaves) by path."""
+  from flax import traverse_util
+  return {path: x.array for path, x in traverse_util.flatten_dict(base).items()
+          if hasattr(x, "array")}
+
+
+def _qwix_storage(base) -> dict:
+  """How many weights qwix quantized, and its stored bits per weight (codes and scales)."""
+  kernels = _qwix_kernels(base).values()
+  weights = sum(q.qvalue.size for q in kernels)
+  bits = sum(q.qvalue.size * 4 + q.scale.size * 8 * q.scale.dtype.itemsize for q in kernels)
+  return dict(quantized_weights=int(weights), bits_per_weight=bits / max(weights, 1))
+
+
+def _qwix_vs_lora_jax_nf4(float_base, base) -> dict:
+  """qwix's dequantized NF4 kernels against lora_jax's NF4 of the same float kernels, with
+  and without double quantization: how many weights differ and the largest difference."""
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from qwix._src.core import qarray  # dequantize: what qwix's step does before the matmul
+  from lora_jax import quantize as lq
+
+  @jax.jit  # one program per kernel shape (eager, each small op would compile on its own)
+  def compare(w, q):
+    theirs = qarray.dequantize(q).reshape(w.shape)
+    out = {}
+    for name, double in (("single", False), ("double", True)):
+      ours = lq.quantize(w, "nf4", block=NF4_BLOCK, double=double).dequantize()
+      out[name] = (jnp.max(jnp.abs(ours - theirs)), jnp.sum(ours != theirs))
+    return out
+
+  floats = traverse_util.flatten_dict(float_base)
+  diff = {name: {"max_abs_diff": 0.0, "weights_differing": 0} for name in ("single", "double")}
+  for path, q in _qwix_kernels(base).items():
+    for name, (largest, differing) in compare(floats[path], q).items():
+      d = diff[name]
+      d["max_abs_diff"] = max(d["max_abs_diff"], float(largest))
+      d["weights_differing"] += int(differing)
+  return diff
 
 
 def build_nnx(spec: dict):
@@ -304,7 +388,9 @@ def build_peft(spec: dict):
 
 
 BUILDERS = dict(lora_jax=build_lora_jax, nnx=build_nnx, qwix=build_qwix, peft=build_peft,
-                full=build_full)
+                full=build_full,
+                lora_jax_nf4=functools.partial(build_lora_jax, quantize="nf4"),
+                qwix_nf4=functools.partial(build_qwix, weight_qtype="nf4"))
 
 
 def _send(msg: dict) -> None:
@@ -320,10 +406,11 @@ def main() -> None:
     import peft, torch, transformers  # noqa: F401,E401  (imports counted in rss_after_imports)
   else:
     import flax, jax, optax, lora_jax  # noqa: F401,E401
-    if name == "qwix":
+    if name.startswith("qwix"):
       import qwix  # noqa: F401
   rss_imports = rss_bytes()
   step, logits, info = BUILDERS[name](spec)
+  after = info.pop(AFTER_STEPS, None)
   if spec.get("figures_only"):  # compiled figures, e.g. of a remat variant: no steps run
     return _send(dict(info, name=name))
   diff = float(np.max(np.abs(np.asarray(logits) - reference_logits(spec))))
@@ -344,8 +431,9 @@ def main() -> None:
       _send({"t": time.perf_counter() - t0, "loss": loss})
     elif line.strip() == "done":
       steps = peak_rss_bytes()
-      _send({"peak_rss_steps": steps, "peak_rss": max(peak_setup, steps),
-             "rss_end": rss_bytes(), "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])})
+      answer = {"peak_rss_steps": steps, "peak_rss": max(peak_setup, steps),
+                "rss_end": rss_bytes(), "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
+      _send(dict(answer, **(after() if after else {})))
       return
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 LABELS = {"lora_jax": "lora_jax", "nnx": "flax.nnx.LoRA", "qwix": "qwix LoRA",
-          "peft": "HF PEFT (torch)", "full": "full FT (JAX)"}
+          "peft": "HF PEFT (torch)", "full": "full FT (JAX)", "lora_jax_nf4": "lora_jax NF4",
+          "qwix_nf4": "qwix NF4"}
 MiB = 1 << 20
 
 
@@ -30,7 +31,7 @@ def _model_line(size: str, r: dict) -> str:
 def size_table(size: str, r: dict) -> str:
   """Markdown for one model size: every table."""
   t, out = r["train"], []
-  steps = len(next(iter(t.values()))["step_times_s"])
+  steps = len(next(iter({**t, **r.get("qlora", {})}.values()))["step_times_s"])
   out += [f"### {_model_line(size, r)}", "",
           f"Train step, median of {steps} warm steps, contenders interleaved; ratio = "
           "contender / lora_jax (above 1: lora_jax is faster). Peak RSS of each contender's own "
@@ -46,6 +47,8 @@ def size_table(size: str, r: dict) -> str:
                f"{c['trained_params']:,} | {_mib(c['peak_rss'])} | "
                f"{_mib(c['peak_rss_steps'])} | {_mib(c['rss_after_imports'])} | "
                f"{c['logits_max_abs_diff']:.1e} | {c['first_loss']:.5f} |")
+  if "qlora" in r:
+    out += ["", _qlora_table(r)]
   if "lora_jax" in t and "full" in t:
     lj, full = t["lora_jax"], t["full"]
     out += ["", "Compiled train step (XLA `cost_analysis` / `memory_analysis`; total = "
@@ -105,6 +108,38 @@ def size_table(size: str, r: dict) -> str:
   out += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}"
                                       for k, v in r["summary"]["targets"].items()), ""]
   return "\n".join(out)
+
+
+def _qlora_table(r: dict) -> str:
+  """Markdown for the NF4 (QLoRA) contenders, timed in the same rounds as the others."""
+  q, t = r["qlora"], r["train"]
+  lines = ["QLoRA: the same LoRA on the same weights quantized to NF4 (blocks of 64; lora_jax "
+           "double-quantizes the absmax values as QLoRA and bitsandbytes do, qwix keeps them in "
+           "float32), dequantized to float32 in the step; timed in the same interleaved rounds. "
+           "Bits: stored bits per quantized weight (codes and statistics). Logits diff: against "
+           "the float model's, i.e. the quantization error.", "",
+           "| contender | step ms | ratio to lora_jax NF4 | ratio to lora_jax (float) | FLOPs "
+           "| FLOPs / lora_jax (float) | argument MiB | bits/weight | peak RSS, steps MiB "
+           "| logits diff | loss before |", "|---|" + "---:|" * 10]
+  ref_flops = t.get("lora_jax", {}).get("flops")
+  for n, c in q.items():
+    float_ratio = f"{c['ratio_to_lora_jax']:.2f}" if "lora_jax" in t else "-"
+    flops = f"{c['flops'] / ref_flops:.3f}" if ref_flops and "flops" in c else "-"
+    lines.append(f"| {LABELS[n]} | {c['median_s'] * 1e3:,.1f} | "
+                 f"{c['ratio_to_lora_jax_nf4']:.2f} | {float_ratio} | {c.get('flops', 0):.3e} | "
+                 f"{flops} | {_mib(c.get('argument_bytes', 0))} | "
+                 f"{c.get('bits_per_weight', 0):.3f} | {_mib(c['peak_rss_steps'])} | "
+                 f"{c['logits_max_abs_diff']:.1e} | {c['first_loss']:.5f} |")
+  diff, n = q.get("qwix_nf4", {}).get("vs_lora_jax_nf4"), q.get("qwix_nf4", {}).get(
+      "quantized_weights")
+  if diff:
+    one, two = diff["single"], diff["double"]
+    lines += ["", f"qwix's dequantized NF4 kernels against lora_jax's NF4 of the same {n:,} "
+              f"weights: without double quantization {one['weights_differing']:,} differ (max "
+              f"|difference| {one['max_abs_diff']:.1e}); against lora_jax's default, "
+              f"double-quantized NF4, {two['weights_differing']:,} differ (max "
+              f"{two['max_abs_diff']:.1e}: the absmax values' 8-bit codes)."]
+  return "\n".join(lines)
 
 
 def markdown(results: dict, env: dict) -> str:
