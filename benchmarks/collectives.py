@@ -43,7 +43,7 @@ def main() -> None:
       "lora": (lj.inject(llama, lora), lora),
       "frozen": (llama, lj.LoRAConfig(trainable=["layers_0/input_layernorm"])),
   }
-  shape = argparse.Namespace(batch=devices, seq=spec["seq"])
+  shape = argparse.Namespace(batch=devices, seq=spec["seq"], accum_steps=1)
   out = {"devices": devices, "mesh": dict(mesh.shape), "batch": devices, "seq": spec["seq"]}
   for name, (model, config) in steps.items():
     figures = analyse_step(model, config, mesh, shape)
