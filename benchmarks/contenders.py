@@ -124,7 +124,11 @@ def _compiled_figures(jitted, *args) -> dict:
   """XLA's FLOPs and memory analysis of `jitted` for `args` (not consumed)."""
   import jax
   with jax.numpy_dtype_promotion("standard"):
-    compiled = jitted.lower(*args).compile()
+    return compiled_figures(jitted.lower(*args).compile())
+
+
+def compiled_figures(compiled) -> dict:
+  """FLOPs and memory (argument, output, temp, alias, total bytes) of a compiled program."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()

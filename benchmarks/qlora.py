@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contenders import compiled_figures  # benchmarks/contenders.py
 from machine import machine  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,17 +97,6 @@ def verdict(q: dict, tolerance: float) -> dict:
   return out
 
 
-def _figures(compiled) -> dict:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  out = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes"))
-         for f in ("argument", "output", "temp", "alias")}
-  out["total_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
-                        - out["alias_bytes"])
-  return dict(flops=float(cost["flops"]), **out)
-
-
 def _nbytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
@@ -137,7 +127,7 @@ def build_step(fmt: str, workdir: str, extra: list[str]) -> dict:
   rng = jax.random.key(t.seed)
   t0 = time.perf_counter()
   compiled = step.step.lower(adapters, opt_state, base, batch, rng).compile()
-  figures = dict(_figures(compiled), compile_s=time.perf_counter() - t0,
+  figures = dict(compiled_figures(compiled), compile_s=time.perf_counter() - t0,
                  base_bytes=_nbytes(base), adapter_bytes=_nbytes(adapters))
   return dict(compiled=compiled, state=[adapters, opt_state], base=base, batch=batch, rng=rng,
               figures=figures, batch_shape=list(sample.shape))
