@@ -233,11 +233,11 @@ def quantized_model(model: nn.Module) -> nn.Module:
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import quantize_params
-    >>> dense = nn.Dense(8)
-    >>> params = dense.init(jax.random.key(0), jnp.ones((1, 64)))['params']
-    >>> quantized = quantize_params(params, 'int8', exclude=())
-    >>> quantized_model(dense).apply({'params': quantized}, jnp.ones((1, 64))).shape
-    (1, 8)
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 64)))['params']
+    >>> quantized = quantize_params(params, 'int8')
+    >>> quantized_model(mlp).apply({'params': quantized}, jnp.ones((1, 64))).shape
+    (1, 2)
   """
   if not isinstance(model, nn.Module):
     raise ValueError(f"quantized_model expects a flax.linen Module, got {type(model).__name__}")
