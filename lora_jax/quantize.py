@@ -315,20 +315,25 @@ _KERNEL_AXES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "quantized_kernel_axes", default=None)
 
 
-@contextlib.contextmanager
-def kernel_axes(params: Any) -> Iterator[None]:
-  """Within: the logical axis names of the quantized kernels of boxed `params`, by module
-  path, for the layers that run on them (`axes_of`).
-
-  A train step holds unboxed params; with the names, a layer gathers its kernel's codes
-  over the `fsdp` mesh axis before dequantizing, as FSDP gathers a float kernel, so 4 or 8
-  bits a weight cross the wire instead of the compute dtype.
-  """
+def quantized_axes(params: Any) -> dict[str, tuple | None]:
+  """Module path -> logical axis names of each quantized kernel of boxed `params`."""
   names = {}
   for kp, x in jax.tree_util.tree_leaves_with_path(
       params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)):
     if isinstance(x, nn.meta.AxisMetadata) and is_quantized(getattr(x, "value", None)):
       names[join_path(kp).rsplit("/", 1)[0]] = getattr(x, "names", None)
+  return names
+
+
+@contextlib.contextmanager
+def kernel_axes(names: dict[str, tuple | None]) -> Iterator[None]:
+  """Within: the layers that run on quantized kernels know their logical axis names
+  (`quantized_axes`; read with `axes_of`).
+
+  A train step holds unboxed params; with the names, a layer gathers its kernel's codes
+  over the `fsdp` mesh axis before dequantizing, as FSDP gathers a float kernel, so 4 or 8
+  bits a weight cross the wire instead of the compute dtype.
+  """
   token = _KERNEL_AXES.set(names)
   try:
     yield

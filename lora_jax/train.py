@@ -22,7 +22,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lora_jax.config import LoRAConfig
-from lora_jax.quantize import kernel_axes
+from lora_jax.quantize import kernel_axes, quantized_axes
 from lora_jax.sharding import (
     DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
 from lora_jax.tree import check_trainable_rules, combine, split
@@ -68,13 +68,14 @@ class InMesh:
   """
 
   def __init__(self, fn: Callable, mesh: Mesh, rules, params: Any = None):
-    self.fn, self.mesh, self.rules, self.params = fn, mesh, tuple(rules), params
+    self.fn, self.mesh, self.rules = fn, mesh, tuple(rules)
+    self.axes = quantized_axes(params)  # once, not at every call
 
   def _context(self):
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
-    stack.enter_context(kernel_axes(self.params))  # quantized kernels gather their codes
+    stack.enter_context(kernel_axes(self.axes))  # quantized kernels gather their codes
     return stack
 
   def __call__(self, *args):
