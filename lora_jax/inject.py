@@ -16,6 +16,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,7 @@ from lora_jax.config import ALL_LINEAR, LoRAConfig, describe_paths, join_path, u
 from lora_jax.layers import Recorded, _Adapted, add_adapter, base_output, recording_layouts
 from lora_jax.layout import (
     Layout, dense_contraction, dense_general_contraction, einsum_contraction)
+from lora_jax.mixed import StackSpec, add_stacked_adapters, check_ids, set_ids
 from lora_jax.tree import combine, leaf_paths, split
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -75,7 +77,7 @@ def _contraction(module: nn.Module, args, kwargs):
   return inputs, dense_contraction(ndim)
 
 
-def _interceptor(config: LoRAConfig | None, survey: _Survey):
+def _interceptor(config: LoRAConfig | StackSpec | None, survey: _Survey):
   """Records every module call; adds adapters to the selected linear layers."""
 
   def intercept(next_fun, args, kwargs, context):
@@ -101,6 +103,8 @@ def _interceptor(config: LoRAConfig | None, survey: _Survey):
     outputs = base_output(module, contraction, inputs, lambda: next_fun(*args, **kwargs))
     if config is None or not config.selects(path):
       return outputs
+    if isinstance(config, StackSpec):
+      return add_stacked_adapters(module, config, contraction, inputs, outputs)
     return add_adapter(module, config.adapter_for(path), contraction, inputs, outputs)
 
   return intercept
@@ -151,26 +155,57 @@ _active = threading.local()  # the survey of the outermost injected call in prog
 class _Injected:
   """Mixin for injected model classes: intercepts every call of the model."""
 
-  _lora_config: LoRAConfig
+  _lora_config: LoRAConfig | StackSpec | None
   _lora_base: type
 
   def _call_wrapped_method(self, fun, args, kwargs):
     if getattr(_active, "survey", None) is not None:  # an outer injected call intercepts already
       return super()._call_wrapped_method(fun, args, kwargs)
+    config = self._lora_config
+    creating = self.scope is not None and self.is_mutable_collection("params")
+    kwargs = dict(kwargs)
+    ids = _adapter_ids(config, kwargs.pop("adapter_ids", None), creating)
     survey = _Survey()
     _active.survey = survey
+    previous = set_ids(ids)
     try:
-      with nn.intercept_methods(_interceptor(self._lora_config, survey)):
+      with nn.intercept_methods(_interceptor(config, survey)):
         out = super()._call_wrapped_method(fun, args, kwargs)
     finally:
       _active.survey = None
-    if (self._lora_config is not None and self.scope is not None
-        and self.is_mutable_collection("params")):  # creating params
+      set_ids(previous)
+    if config is not None and creating:
       # Full paths, as rules see them, also for a model injected inside another.
       prefix = "".join(f"{name}/" for name in self.path)
       params = [prefix + p for p in leaf_paths(self.variables.get("params", {}))]
-      _check_selection(self._lora_config, survey, params)
+      if isinstance(config, StackSpec):
+        _check_stack_layers(config, survey)
+      else:
+        _check_selection(config, survey, params)
     return out
+
+
+def _adapter_ids(config: LoRAConfig | StackSpec | None, ids: Any, creating: bool) -> Any:
+  """The `adapter_ids` keyword of an injected model's call, checked."""
+  if not isinstance(config, StackSpec):
+    if ids is not None:
+      raise ValueError("adapter_ids is an argument of a model injected with a StackSpec (an "
+                       "adapter stack, lora_jax.stack); this model has one adapter per layer")
+    return None
+  if ids is None:
+    if config.count > 1 and not creating:
+      raise ValueError(f"the model serves a stack of {config.count} adapters: pass "
+                       "adapter_ids=[one id per example] (-1 for the base)")
+    return None
+  return check_ids(ids, config, None)
+
+
+def _check_stack_layers(spec: StackSpec, survey: _Survey) -> None:
+  missing = [p for p in spec.layers if p not in survey.linear]
+  if missing:
+    raise ValueError(f"the adapter stack names {', '.join(repr(p) for p in missing[:3])}, not "
+                     f"linear layers of this model; linear layers: "
+                     f"{describe_paths(survey.linear)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,8 +250,8 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
   """
   if not isinstance(model, nn.Module):
     raise ValueError(f"inject expects a flax.linen Module, got {type(model).__name__}")
-  if not isinstance(config, LoRAConfig):
-    raise ValueError(f"inject expects a LoRAConfig, got {type(config).__name__}")
+  if not isinstance(config, (LoRAConfig, StackSpec)):
+    raise ValueError(f"inject expects a LoRAConfig (or a StackSpec), got {type(config).__name__}")
   if model.scope is not None or isinstance(model.parent, nn.Module):
     raise ValueError("inject expects an unbound model built outside any module; inject the "
                      "top-level model and pass it to a parent module as a field")

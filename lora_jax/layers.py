@@ -213,6 +213,17 @@ def add_adapter(
                                                              b.astype(jnp.float32))
   gain = _align(_dora_gain(m, jax.lax.stop_gradient(layout.column_norm(w))),
                 layout.letters("m"), contraction.outputs)
+  return dora_output(module, contraction, kernel, x if dropped is not None else None,
+                     outputs, update, gain)
+
+
+def dora_output(module: nn.Module, contraction: Contraction, kernel: jax.Array,
+                dropped: jax.Array | None, outputs: jax.Array, update: jax.Array,
+                gain: jax.Array) -> jax.Array:
+  """DoRA's `gain * (x @ W + update) + bias`, given the base layer's `outputs`
+  (`x @ W + bias`), the low-rank `update` and the gain `m / ||W'||` aligned to the
+  outputs; `dropped` is the dropped-out input when dropout ran."""
+  compute = outputs.dtype
   # gain - 1 in float32: near 1, bf16 steps of 2**-7 would swallow small magnitude updates.
   gain_minus_one, gain = (gain - 1).astype(compute), gain.astype(compute)
   if dropped is None:  # x @ W is the base output less its bias
@@ -223,7 +234,8 @@ def add_adapter(
       base = outputs - _align(nn.meta.unbox(bias).astype(compute), bias_letters, contraction.outputs)
   else:  # dropout changed the input: x @ W again, on the dropped input (as PEFT does)
     base = jnp.einsum(f"{contraction.inputs},{contraction.kernel}->{contraction.outputs}",
-                      x, kernel.astype(compute), precision=precision)
+                      dropped, kernel.astype(compute),
+                      precision=getattr(module, "precision", None))
   return outputs + gain_minus_one * base + gain * update
 
 

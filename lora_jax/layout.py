@@ -94,6 +94,8 @@ class Layout:
     a: the stored axes of `lora_a`.
     b: the stored axes of `lora_b`.
     m: the stored axes of the DoRA magnitude `lora_magnitude`.
+    stack: for several adapters stacked in one array (`lora_jax.stack`), the
+      letter of their axis; A, B and the magnitude carry it, the kernel does not.
   """
 
   kernel: str
@@ -102,6 +104,7 @@ class Layout:
   a: str
   b: str
   m: str
+  stack: str = ""
 
   @property
   def shared(self) -> str:
@@ -116,18 +119,42 @@ class Layout:
   def add_axis(self, index: int) -> Layout:
     """The layout after a lifted transform inserts an axis at `index` of every
     param (a negative index counts from the end of each, as `jnp.expand_dims`)."""
-    new = next(c for c in string.ascii_letters if c not in self.kernel + self.rank)
+    new = next(c for c in string.ascii_letters if c not in self.kernel + self.rank + self.stack)
     at = lambda s: index if index >= 0 else len(s) + 1 + index
     insert = lambda s: s[:at(s)] + new + s[at(s):]
     return Layout(insert(self.kernel), self.contract, self.rank, insert(self.a),
-                  insert(self.b), insert(self.m))
+                  insert(self.b), insert(self.m), self.stack)
 
   def remove_axis(self, index: int) -> Layout:
     """The inverse of `add_axis`."""
     at = lambda s: index if index >= 0 else len(s) + index
     drop = lambda s: s[:at(s)] + s[at(s) + 1:]
     return Layout(drop(self.kernel), self.contract, self.rank, drop(self.a), drop(self.b),
+                  drop(self.m), self.stack)
+
+  def stacked(self) -> Layout:
+    """The layout of adapters stacked along a new first axis of A, B and the magnitude."""
+    if self.stack:
+      raise ValueError(f"the layout is stacked already ({self})")
+    new = next(c for c in string.ascii_letters if c not in self.kernel + self.rank)
+    return Layout(self.kernel, self.contract, self.rank, new + self.a, new + self.b,
+                  new + self.m, new)
+
+  def member(self) -> Layout:
+    """One adapter of a stack: the layout without the stack axis."""
+    drop = lambda s: s.replace(self.stack, "") if self.stack else s
+    return Layout(self.kernel, self.contract, self.rank, drop(self.a), drop(self.b),
                   drop(self.m))
+
+  def stack_axis(self, which: str) -> int:
+    """The index of the stack axis in the stored `'a'`, `'b'` or `'m'`."""
+    if not self.stack:
+      raise ValueError(f"the layout is not stacked ({self})")
+    return getattr(self, which).index(self.stack)
+
+  def count_of(self, a_shape) -> int:
+    """The number of stacked adapters in a `lora_a` of this shape (1 unstacked)."""
+    return a_shape[self.a.index(self.stack)] if self.stack else 1
 
   def rank_of(self, a_shape) -> int:
     """The rank of an adapter whose `lora_a` has this shape."""
@@ -135,8 +162,10 @@ class Layout:
 
   def check_fits(self, kernel_shape, a_shape, b_shape, m_shape=None) -> None:
     """Raises `ValueError` unless arrays of these shapes are stored in this layout."""
-    rank = self.rank_of(a_shape) if len(a_shape) == len(self.a) else 0
-    expected = self.shapes(kernel_shape, rank) if len(kernel_shape) == len(self.kernel) else None
+    rank, count = ((self.rank_of(a_shape), self.count_of(a_shape))
+                   if len(a_shape) == len(self.a) else (0, 0))
+    expected = (self.shapes(kernel_shape, rank, count) if len(kernel_shape) == len(self.kernel)
+                else None)
     got = (tuple(a_shape), tuple(b_shape), None if m_shape is None else tuple(m_shape))
     if expected is None or expected[:2] != got[:2] or got[2] not in (None, expected[2]):
       raise ValueError(f"lora_a {got[0]}, lora_b {got[1]} and kernel {tuple(kernel_shape)} are "
@@ -147,19 +176,23 @@ class Layout:
     `None` for a placeholder."""
     return tuple(None if c == PLACEHOLDER else c for c in getattr(self, which))
 
-  def _sizes(self, kernel_shape, rank: int = 1) -> dict[str, int]:
-    return dict(zip(self.kernel, kernel_shape), **{self.rank: rank, PLACEHOLDER: 1})
+  def _sizes(self, kernel_shape, rank: int = 1, count: int = 1) -> dict[str, int]:
+    sizes = dict(zip(self.kernel, kernel_shape), **{self.rank: rank, PLACEHOLDER: 1})
+    if self.stack:
+      sizes[self.stack] = count
+    return sizes
 
-  def shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], ...]:
-    """Stored shapes of A, B and the magnitude for a kernel of that shape."""
-    size = self._sizes(kernel_shape, rank)
+  def shapes(self, kernel_shape, rank: int, count: int = 1) -> tuple[tuple[int, ...], ...]:
+    """Stored shapes of A, B and the magnitude for a kernel of that shape (`count`
+    adapters, for a stacked layout)."""
+    size = self._sizes(kernel_shape, rank, count)
     return tuple(tuple(size[c] for c in getattr(self, w)) for w in "abm")
 
   def axis_names(self, which: str, kernel_names) -> tuple[str | None, ...]:
     """Logical axis names of A, B or the magnitude, from the kernel's names.
 
     Each adapter axis takes the name of the kernel axis it spans; the rank
-    axis and placeholders get `None` (replicated).
+    axis, a stack's axis and placeholders get `None` (replicated).
     """
     name = dict(zip(self.kernel, kernel_names))
     return tuple(name.get(c) for c in self.stored_axes(which))
@@ -196,11 +229,15 @@ class Layout:
     def axis(c):
       if c == self.rank:
         return "r"
+      if c == self.stack:
+        return "s"
       return None if size[c] == 1 else self.kernel.index(c)
     return tuple(tuple(map(axis, getattr(self, w))) for w in "abm")
 
   def __str__(self) -> str:
-    return f"kernel {self.kernel}: A {self.a}, B {self.b}, magnitude {self.m} (rank {self.rank})"
+    stack = f", stacked along {self.stack}" if self.stack else ""
+    return (f"kernel {self.kernel}: A {self.a}, B {self.b}, magnitude {self.m} "
+            f"(rank {self.rank}{stack})")
 
 
 def layout_of(contraction: Contraction) -> Layout:
