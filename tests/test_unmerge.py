@@ -1,4 +1,4 @@
-"""merge_reversibly / unmerge: a merged adapter taken out again."""
+"""merge_reversibly / unmerge / switch_merged: a merged adapter taken out again."""
 
 import dataclasses
 
@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lora_jax as lj
+from lora_jax.adapter_set import switch_merged
 from lora_jax.layers import merged_kernel
 from lora_jax.tree import merge_reversibly, unmerge
 
@@ -152,6 +153,21 @@ def test_merged_jitted_and_the_record_saved_with_orbax(adapted, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, unmerge(merged, restored), unmerge(merged, record))
 
 
+def test_switching_merged_adapters_equals_merging_into_the_base(base, adapted):
+  """X -> Y -> X never reads the base: each equals merging into the original base."""
+  x, y = (lj.split(adapted[n], CONFIGS[n])[0] for n in ("lora", "dora"))
+  merged_x, record_x = merge_reversibly(adapted["lora"], CONFIGS["lora"])
+  merged_y, record_y = switch_merged(merged_x, record_x, y, CONFIGS["dora"])
+  want_y, want_record_y = merge_reversibly(adapted["dora"], CONFIGS["dora"])
+  for got, want in ((merged_y, want_y), (record_y, want_record_y)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale_of(b)),
+                 got, want)
+  again_x, _ = switch_merged(merged_y, record_y, x, CONFIGS["lora"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=4e-6 * scale_of(b)),
+               again_x, merged_x)
+  assert again_x["stack"]["proj"]["bias"] is merged_x["stack"]["proj"]["bias"]
+
+
 def test_a_quantized_base_comes_back_dense():
   mlp = nn.Sequential([nn.Dense(64), nn.Dense(64)])
   x = jnp.ones((1, 64))
@@ -167,13 +183,16 @@ def test_a_quantized_base_comes_back_dense():
     np.testing.assert_allclose(back[layer]["kernel"], w, rtol=0, atol=1e-6 * scale_of(w))
 
 
-def test_trainable_params_stay_merged(base, adapted):
+def test_trainable_params_stay_merged_and_must_be_replaced_when_switching(base, adapted):
   config = dataclasses.replace(CONFIGS["lora"], trainable=("dense/bias",))
   params = jax.tree.map(lambda a: a, adapted["lora"])
   params["dense"]["bias"] = params["dense"]["bias"] + 1.0
   merged, record = merge_reversibly(params, config)
   assert record["dense"]["bias"] is params["dense"]["bias"]
   np.testing.assert_array_equal(unmerge(merged, record)["dense"]["bias"], params["dense"]["bias"])
+  y = lj.split(adapted["dora"], CONFIGS["dora"])[0]
+  with pytest.raises(ValueError, match=r"trained \['dense/bias'\] fully"):
+    switch_merged(merged, record, y, CONFIGS["dora"])
 
 
 def snapshot(tree):
@@ -201,4 +220,6 @@ def test_unmerge_refuses_what_is_not_its_merge(base, adapted):
   small = random_like(jax.eval_shape(mlp.init, jax.random.key(0), X)["params"], 3)
   with pytest.raises(ValueError, match="no kernel at 'dense'"):
     unmerge(small, record)
+  with pytest.raises(ValueError, match="another merge"):
+    switch_merged(other, record, lj.split(adapted["dora"], CONFIGS["dora"])[0], CONFIGS["dora"])
   jax.tree.map(np.testing.assert_array_equal, snapshot((merged, record)), before)
