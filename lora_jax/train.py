@@ -22,6 +22,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lora_jax.config import LoRAConfig
+from lora_jax.layout import Layout
 from lora_jax.quantize import kernel_axes, quantized_axes
 from lora_jax.sharding import (
     DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
@@ -30,6 +31,24 @@ from lora_jax.tree import check_trainable_rules, combine, split
 # (params, batch, rng) -> (summed loss, summed weight): the step divides once,
 # so gradient accumulation gives exactly the full batch's mean.
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _token_losses(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
+                  rngs: Mapping[str, jax.Array], **call_kwargs: Any
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross entropy of every position, and each position's weight."""
+  ids = batch["input_ids"]
+  mask = batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32))
+  logits = model.apply({"params": params}, ids, mask, rngs=rngs,
+                       **call_kwargs).astype(jnp.float32)
+  # Every position predicts the next token; the last has none (weight 0). Whole-sequence
+  # logits avoid a sliced copy, and optax's logsumexp form keeps no log-softmax copy:
+  # both vocabulary-sized.
+  pad = jnp.zeros_like(ids[:, :1])
+  targets = jnp.concatenate([ids[:, 1:], pad], axis=1)
+  weights = (batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32)
+  weights = jnp.concatenate([weights, jnp.zeros_like(weights[:, :1])], axis=1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights
 
 
 def causal_lm_loss(model: nn.Module, *, dropout: bool = True) -> LossFn:
@@ -42,20 +61,42 @@ def causal_lm_loss(model: nn.Module, *, dropout: bool = True) -> LossFn:
   without, the model is deterministic (evaluation).
   """
   def loss_fn(params, batch, rng):
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32))
-    rngs = {"dropout": rng} if dropout else {}
-    logits = model.apply({"params": params}, ids, mask, rngs=rngs).astype(jnp.float32)
-    # Every position predicts the next token; the last has none (weight 0). Whole-sequence
-    # logits avoid a sliced copy, and optax's logsumexp form keeps no log-softmax copy:
-    # both vocabulary-sized.
-    pad = jnp.zeros_like(ids[:, :1])
-    targets = jnp.concatenate([ids[:, 1:], pad], axis=1)
-    weights = (batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32)
-    weights = jnp.concatenate([weights, jnp.zeros_like(weights[:, :1])], axis=1)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    nll, weights = _token_losses(model, params, batch, {"dropout": rng} if dropout else {})
     return jnp.sum(nll * weights), jnp.sum(weights)
   return loss_fn
+
+
+class MixedLoss:
+  """Next-token cross entropy of several adapters trained at once, each on its own
+  examples: the sum over adapters of each adapter's mean token loss.
+
+  For a model injected with an adapter stack (`lora_jax.stack`): the batch
+  also holds `adapter_ids` (one per example). Every adapter's gradient is then
+  that of its own mean loss, as if it trained alone on its examples; with an
+  elementwise optimizer (Adam, SGD; no clipping by a norm over all of them)
+  each slot trains exactly as a separate run would. `make_train_step` calls
+  `example_weights` on the whole batch before splitting it into
+  micro-batches, so accumulation keeps each adapter's mean exact.
+  """
+
+  def __init__(self, model: nn.Module, count: int, *, dropout: bool = True):
+    self.model, self.count, self.dropout = model, count, dropout
+
+  def example_weights(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """1 / (tokens of the example's adapter in the batch), per example."""
+    ids = batch["adapter_ids"]
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask", jnp.ones(input_ids.shape, jnp.int32))
+    tokens = jnp.sum((batch.get("loss_mask", mask)[:, 1:] * mask[:, 1:]).astype(jnp.float32), 1)
+    per_adapter = jax.ops.segment_sum(tokens, jnp.clip(ids, 0, self.count - 1), self.count)
+    return jnp.where(ids >= 0, 1.0 / jnp.maximum(per_adapter[jnp.clip(ids, 0)], 1.0), 0.0)
+
+  def __call__(self, params, batch, rng):
+    nll, weights = _token_losses(self.model, params, batch,
+                                 {"dropout": rng} if self.dropout else {},
+                                 adapter_ids=batch["adapter_ids"])
+    weights = weights * batch["example_weight"][:, None]
+    return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 class InMesh:
@@ -138,6 +179,7 @@ def make_train_step(
     *,
     rules=DEFAULT_RULES,
     accum_steps: int = 1,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> TrainStep:
   """Builds the sharded LoRA train step.
 
@@ -153,6 +195,9 @@ def make_train_step(
     rules: logical axis rules.
     accum_steps: split each batch into this many micro-batches, accumulating
       gradients (the update equals the full batch's).
+    layouts: every adapter's layout by layer path (`lora_jax.layouts`; an
+      adapter stack's `dict(stack.layouts)`), placing adapters like their
+      kernels; without it each is read from the shapes.
 
   Returns:
     A `TrainStep`.
@@ -160,11 +205,13 @@ def make_train_step(
   if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps!r}: must be an integer >= 1")
   check_trainable_rules(abstract_params, config)
+  # A loss normalised per group of examples (`MixedLoss`) weighs the whole batch first.
+  example_weights = getattr(loss_fn, "example_weights", None)
   # The step relies on sharding propagation (GSPMD): Explicit mesh axes would demand an
   # out_sharding on every ambiguous op of the model. Same devices, Auto axes; `place` and
   # `shard_batch` put inputs there.
   mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-  shardings = param_shardings(abstract_params, mesh, rules)
+  shardings = param_shardings(abstract_params, mesh, rules, layouts=layouts)
   adapter_sh, base_sh = split(shardings, config)
   if not adapter_sh:
     raise ValueError("abstract_params hold no adapters or trainable params: nothing to train")
@@ -183,6 +230,8 @@ def make_train_step(
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
   def train_step(adapters, opt_state, base, batch, rng):
+    if example_weights is not None:
+      batch = {**batch, "example_weight": example_weights(batch)}
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or next(iter(sizes)) % (accum_steps * shards):
       raise ValueError(
@@ -208,7 +257,8 @@ def make_train_step(
       micro_batches = jax.tree.map(micro, dict(batch))
       (loss, weight, grads), _ = jax.lax.scan(
           body, zeros, (jnp.arange(accum_steps), micro_batches))
-    weight = jnp.maximum(weight, 1.0)
+    # A per-group mean is normalised already: its weight is the number of groups.
+    weight = jnp.maximum(weight, 1.0) if example_weights is None else jnp.ones((), jnp.float32)
     grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, adapters)
     adapters = optax.apply_updates(adapters, updates)

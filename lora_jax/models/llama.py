@@ -446,7 +446,8 @@ def init_cache(model: Llama, batch_size: int, max_length: int) -> Any:
 def generate(model: Llama, params: Any, prompt_ids: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
              attention_mask: jax.Array | None = None, stop_ids: Sequence[int] = (),
-             vocab_size: int | None = None) -> jax.Array:
+             vocab_size: int | None = None,
+             model_kwargs: Mapping[str, Any] | None = None) -> jax.Array:
   """Continues prompts with a KV cache: prefill in one call, then a token a step.
 
   One compiled program serves every temperature, `top_p`, rng, stop ids and
@@ -468,6 +469,9 @@ def generate(model: Llama, params: Any, prompt_ids: jax.Array, *, max_new_tokens
       early once every row has.
     vocab_size: ids at or above it are never produced: the embedding of a
       checkpoint is often padded past its tokenizer's ids.
+    model_kwargs: arrays passed as keywords to every call of the model, e.g.
+      one id per row for a model that takes them; traced, so new values
+      reuse the compiled program.
 
   Returns:
     (batch, prompt_len + max_new_tokens) int32: the prompts, then new tokens.
@@ -488,7 +492,8 @@ def generate(model: Llama, params: Any, prompt_ids: jax.Array, *, max_new_tokens
                   jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
                   jnp.float32(top_p), jnp.asarray(stop_ids, jnp.int32).reshape(-1),
                   jnp.int32(vocab if vocab_size is None else vocab_size),
-                  max_new_tokens=max_new_tokens, greedy=temperature == 0)
+                  dict(model_kwargs or {}), max_new_tokens=max_new_tokens,
+                  greedy=temperature == 0)
   return jnp.concatenate([prompt_ids, new], axis=1)
 
 
@@ -511,14 +516,14 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy"))
 def _generate(model, params, prompt_ids, attention_mask, rng, temperature, top_p, stop_ids,
-              vocab_size, *, max_new_tokens, greedy):
+              vocab_size, model_kwargs, *, max_new_tokens, greedy):
   batch, prompt_len = prompt_ids.shape
   pick = functools.partial(_pick, temperature=temperature, top_p=top_p, vocab_size=vocab_size,
                            greedy=greedy)
 
   def step(cache, ids, mask, key):
     logits, variables = model.apply({"params": params, "cache": cache}, ids, mask,
-                                    decode=True, mutable=["cache"])
+                                    decode=True, mutable=["cache"], **model_kwargs)
     return variables["cache"], pick(logits[:, -1], key)
 
   keys = jax.random.split(rng, max_new_tokens)
