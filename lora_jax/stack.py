@@ -1,6 +1,6 @@
 """Adapter stacks: K adapters on one base, for mixed batches and hot swaps.
 
-`stack(model, adapters, *sample_args)` pads each adapter to one rank and
+`stack_adapters(model, adapters, *sample_args)` pads each adapter to one rank and
 stacks them, with their own scales, into the params of `inject(model,
 stack.spec)` (see `lora_jax.mixed`). The stack is an ordinary pytree: pass
 `combine(stack.params, base)` to the jitted function that runs the model with
@@ -19,7 +19,7 @@ Example:
   ...   adapters = split(params)[0]
   ...   return jax.tree.map(lambda a: a + 0.1, adapters), config
   >>> adapters = {'fr': fresh(LoRAConfig(rank=2), 1), 'de': fresh(LoRAConfig(rank=4), 2)}
-  >>> s = stack(mlp, adapters, x)
+  >>> s = stack_adapters(mlp, adapters, x)
   >>> y = inject(mlp, s.spec).apply({'params': combine(s.params, base)}, x,
   ...                               adapter_ids=s.ids(['fr', 'de', None]))
   >>> y.shape
@@ -265,7 +265,7 @@ def _trace(model: nn.Module, spec: StackSpec, sample_args, sample_kwargs):
   return layouts, shapes
 
 
-def stack(model: nn.Module, adapters: Mapping[str, tuple[Mapping, LoRAConfig]],
+def stack_adapters(model: nn.Module, adapters: Mapping[str, tuple[Mapping, LoRAConfig]],
           *sample_args, max_rank: int | None = None, count: int | None = None,
           use_dora: bool | None = None, dropout_rate: float = 0.0,
           **sample_kwargs) -> AdapterStack:

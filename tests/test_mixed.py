@@ -13,7 +13,6 @@ import pytest
 import lora_jax as lj
 from lora_jax import sharding, train
 from lora_jax.models.llama import Llama, config_for, generate
-from lora_jax.stack import stack
 
 
 class Block(nn.Module):
@@ -62,7 +61,7 @@ def _alone(model, base, adapters, name, x):
 
 def test_mixed_batch_equals_each_example_alone_every_layer_kind_with_dora():
   model, base, adapters = block_adapters()
-  s = stack(model, adapters, X, max_rank=6)
+  s = lj.stack_adapters(model, adapters, X, max_rank=6)
   names = ["plain", "rs", None, "dora", "plain"]
   y = lj.inject(model, s.spec).apply({"params": lj.combine(s.params, base)}, X,
                                      adapter_ids=s.ids(names))
@@ -77,7 +76,7 @@ def test_mixed_batch_equals_each_example_alone_every_layer_kind_with_dora():
 def test_a_member_comes_back_exactly_and_the_base_is_untouched():
   model, base, adapters = block_adapters()
   before = jax.tree.map(np.array, base)
-  s = stack(model, adapters, X, max_rank=6, count=4)
+  s = lj.stack_adapters(model, adapters, X, max_rank=6, count=4)
   assert s.names == ("plain", "rs", "dora", None)
   for name, (tree, config) in adapters.items():
     got, got_config = s.adapter(name)
@@ -95,8 +94,8 @@ def test_a_member_comes_back_exactly_and_the_base_is_untouched():
 def test_padding_is_exact_and_scale_stays_the_adapters_own():
   """Rank 2 in a rank-8 stack gives the rank-2 adapter's output: its alpha/r, not alpha/8."""
   model, base, adapters = block_adapters()
-  tight = stack(model, {"plain": adapters["plain"]}, X)
-  padded = stack(model, {"plain": adapters["plain"]}, X, max_rank=8)
+  tight = lj.stack_adapters(model, {"plain": adapters["plain"]}, X)
+  padded = lj.stack_adapters(model, {"plain": adapters["plain"]}, X, max_rank=8)
   assert tight.spec.max_rank == 2 and padded.spec.max_rank == 8
   run = lambda s: lj.inject(model, s.spec).apply({"params": lj.combine(s.params, base)}, X)
   ref = _alone(model, base, adapters, "plain", X)
@@ -106,7 +105,7 @@ def test_padding_is_exact_and_scale_stays_the_adapters_own():
 
 def test_hot_swap_reuses_the_compiled_program():
   model, base, adapters = block_adapters()
-  s = stack(model, {"a": adapters["plain"], "b": adapters["rs"]}, X, max_rank=4, use_dora=True)
+  s = lj.stack_adapters(model, {"a": adapters["plain"], "b": adapters["rs"]}, X, max_rank=4, use_dora=True)
   mixed = lj.inject(model, s.spec)
   forward = jax.jit(lambda params, x, ids: mixed.apply({"params": params}, x, adapter_ids=ids))
   ids = s.ids(["a", "b", "a", None, "b"])
@@ -125,7 +124,7 @@ def test_hot_swap_reuses_the_compiled_program():
 
 def test_bad_inputs_are_refused_naming_the_problem():
   model, base, adapters = block_adapters()
-  s = stack(model, adapters, X, max_rank=4)
+  s = lj.stack_adapters(model, adapters, X, max_rank=4)
   mixed = lj.inject(model, s.spec)
   params = lj.combine(s.params, base)
   with pytest.raises(ValueError, match="no adapter named 'nope'.*plain"):
@@ -143,15 +142,15 @@ def test_bad_inputs_are_refused_naming_the_problem():
   with pytest.raises(ValueError, match=r"rank 6 at '\w+', above the stack's max_rank 4"):
     s.swap("plain", *_trained(model, lj.LoRAConfig(rank=6), base, 4, X))
   with pytest.raises(ValueError, match="rank 4 at .*above the stack's max_rank 2"):
-    stack(model, adapters, X, max_rank=2)
+    lj.stack_adapters(model, adapters, X, max_rank=2)
   with pytest.raises(ValueError, match="is DoRA but the stack holds no DoRA"):
-    stack(model, adapters, X, use_dora=False)
+    lj.stack_adapters(model, adapters, X, use_dora=False)
   with pytest.raises(ValueError, match="named 'rs' in slot 1 already"):
     s.swap("plain", *adapters["plain"], name="rs")
   with pytest.raises(ValueError, match="must be a non-empty string other than '__base__'"):
-    stack(model, {"__base__": adapters["plain"]}, X)
+    lj.stack_adapters(model, {"__base__": adapters["plain"]}, X)
   with pytest.raises(ValueError, match="count=2: must be an integer >= the 3 adapters"):
-    stack(model, adapters, X, count=2)
+    lj.stack_adapters(model, adapters, X, count=2)
   narrow = jax.tree.map(lambda a: a[..., :1, :] if a.ndim == 2 else a, adapters["plain"][0])
   with pytest.raises(ValueError, match="does not fit the model's layer"):
     s.swap("plain", narrow, adapters["plain"][1])
@@ -175,7 +174,7 @@ def llama_stack(scan: bool):
       "c": _trained(llama, lj.LoRAConfig(rank=2, use_dora=True, targets=["o_proj", "down_proj"]),
                     base, 3, prompt, noise=0.05),
   }
-  return llama, base, adapters, prompt, stack(llama, adapters, prompt)
+  return llama, base, adapters, prompt, lj.stack_adapters(llama, adapters, prompt)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
