@@ -34,25 +34,12 @@ from lora_jax.hf.peft import import_peft as _import_peft
 from lora_jax.inject import inject, quantized_model
 from lora_jax.layout import Layout
 from lora_jax.models.llama import LlamaConfig
+from lora_jax.stack import AdapterStack, check_name, stack_adapters
 from lora_jax.tree import RECORD_LEAVES, leaf_paths, merge_reversibly, split, unmerge
 
-BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches: never an adapter's
 INDEX = "adapter_set.json"
 DEFAULT = "default"  # the adapter PEFT keeps at the root of its directory
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def _check_name(name: Any) -> str:
-  """`name`, if it is a non-empty string that can name a directory (no `/`, not
-  `.` or `..`) and not `'__base__'` (PEFT's name for the base model)."""
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"adapter name {name!r}: must be a non-empty string")
-  if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
-    raise ValueError(f"adapter name {name!r}: must not contain '/' (or '\\\\') or be '.' or "
-                     "'..' (each adapter is saved in a directory of its name)")
-  if name == BASE:
-    raise ValueError(f"adapter name {name!r} is reserved for the base model (no adapter)")
-  return name
 
 
 def _nodes(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Mapping]]:
@@ -168,7 +155,7 @@ class AdapterSet:
       ValueError: for a bad name, a name taken (without `overwrite`), or
         adapters that hold no adapter leaves or disagree with `config`.
     """
-    _check_name(name)
+    check_name(name)
     if name in self._entries and not overwrite:
       raise ValueError(f"an adapter named {name!r} is in the set already (pass overwrite=True "
                        "to replace it)")
@@ -230,6 +217,11 @@ class AdapterSet:
         raise ValueError(f"expected a flax.linen Module, got {type(model).__name__}")
       return model if getattr(model, "_lora_config", None) is None else quantized_model(model)
     return inject(model, self[name][1])
+
+  def stack(self, model: nn.Module, *sample_args: Any, **options: Any) -> AdapterStack:
+    """All the set's adapters stacked for mixed batches (`lora_jax.stack_adapters`,
+    whose keyword options `max_rank`, `count`, `use_dora` it takes), in the set's order."""
+    return stack_adapters(model, {name: self[name] for name in self}, *sample_args, **options)
 
   # --- files -------------------------------------------------------------------
 
@@ -368,7 +360,7 @@ class AdapterSet:
       if sub.name == DEFAULT and found:
         raise ValueError(f"{path} holds an adapter at its root and in {sub}: both would be "
                          f"{DEFAULT!r}")
-      found.append((_check_name(sub.name), sub))
+      found.append((check_name(sub.name), sub))
     if not found:
       raise FileNotFoundError(f"{path} holds no PEFT adapter: no {_PEFT_FILES[0]} at its root "
                               "or in a subdirectory")

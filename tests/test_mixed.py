@@ -147,7 +147,7 @@ def test_bad_inputs_are_refused_naming_the_problem():
     lj.stack_adapters(model, adapters, X, use_dora=False)
   with pytest.raises(ValueError, match="named 'rs' in slot 1 already"):
     s.swap("plain", *adapters["plain"], name="rs")
-  with pytest.raises(ValueError, match="must be a non-empty string other than '__base__'"):
+  with pytest.raises(ValueError, match="reserved for the base model"):
     lj.stack_adapters(model, {"__base__": adapters["plain"]}, X)
   with pytest.raises(ValueError, match="count=2: must be an integer >= the 3 adapters"):
     lj.stack_adapters(model, adapters, X, count=2)
@@ -272,3 +272,47 @@ def test_stack_training_sharded_or_accumulated_equals_one_device(shape, accum):
   got = stack_training(shape, accum)[0]
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_adapter_set_stacks_in_its_order():
+  model, base, adapters = block_adapters()
+  named = lj.AdapterSet()
+  for name in ("rs", "plain"):
+    named.add(name, *adapters[name])
+  s = named.stack(model, X, max_rank=5)
+  assert s.names == ("rs", "plain") and s.spec.max_rank == 5
+  for name in named:
+    for a, b in zip(jax.tree.leaves(s.adapter(name)[0]), jax.tree.leaves(named[name][0])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_same_config_adapters_swap_in_the_plain_injected_model_without_recompiling():
+  """Without a stack, adapters of one config share the compiled forward and generate."""
+  llama, base, _, prompt, _ = llama_stack(False)
+  config = lj.LoRAConfig(rank=2, targets=["q_proj", "v_proj"])
+  model = lj.inject(llama, config)
+  forward = jax.jit(lambda params, ids: model.apply({"params": params}, ids))
+  from lora_jax.models import llama as llama_module
+  before = llama_module._generate._cache_size()
+  outs = []
+  for seed in (5, 6):
+    params = lj.combine(_trained(llama, config, base, seed, prompt, noise=0.5)[0], base)
+    outs.append(forward(params, prompt))
+    generate(model, params, prompt, max_new_tokens=2)
+  assert forward._cache_size() == 1 and llama_module._generate._cache_size() == before + 1
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3
+
+
+def test_a_stack_runs_on_a_quantized_base():
+  model, base, adapters = block_adapters()
+  quantized = lj.quantize_params(base, "int8", exclude=())
+  s = lj.stack_adapters(model, adapters, X)
+  names = ["dora", "plain", None, "rs", "dora"]
+  y = lj.inject(model, s.spec).apply({"params": lj.combine(s.params, quantized)}, X,
+                                     adapter_ids=s.ids(names))
+  for i, name in enumerate(names):
+    if name is None:
+      ref = lj.quantized_model(model).apply({"params": quantized}, X[i:i + 1])
+    else:
+      ref = _alone(model, quantized, adapters, name, X[i:i + 1])
+    np.testing.assert_allclose(y[i:i + 1], ref, rtol=1e-5, atol=1e-5)
