@@ -76,7 +76,8 @@ class MixedLoss:
   elementwise optimizer (Adam, SGD; no clipping by a norm over all of them)
   each slot trains exactly as a separate run would. `make_train_step` calls
   `example_weights` on the whole batch before splitting it into
-  micro-batches, so accumulation keeps each adapter's mean exact.
+  micro-batches, so accumulation keeps each adapter's mean exact. Examples
+  with adapter id -1 (the base) add nothing.
   """
 
   def __init__(self, model: nn.Module, count: int, *, dropout: bool = True):
@@ -137,7 +138,9 @@ class TrainStep:
 
   Attributes:
     step: `(adapters, opt_state, base, batch, rng) -> (adapters, opt_state,
-      metrics)`, metrics `{'loss', 'tokens', 'grad_norm'}` (replicated).
+      metrics)`, metrics `{'loss', 'tokens', 'grad_norm'}` (replicated; with a
+      `MixedLoss`, 'loss' is the mean over the batch's adapters of each one's
+      mean loss and 'tokens' the number of adapters in the batch).
     adapter_shardings: shardings of the trained leaves (adapters and
       `trainable` params), each adapter placed like its kernel.
     base_shardings: shardings of the frozen leaves.
@@ -257,12 +260,13 @@ def make_train_step(
       micro_batches = jax.tree.map(micro, dict(batch))
       (loss, weight, grads), _ = jax.lax.scan(
           body, zeros, (jnp.arange(accum_steps), micro_batches))
-    # A per-group mean is normalised already: its weight is the number of groups.
-    weight = jnp.maximum(weight, 1.0) if example_weights is None else jnp.ones((), jnp.float32)
-    grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+    # A sum of per-group means is normalised already (its weight counts the groups).
+    divisor = jnp.maximum(weight, 1.0) if example_weights is None else jnp.ones((), jnp.float32)
+    grads = jax.tree.map(lambda g: g / divisor.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, adapters)
     adapters = optax.apply_updates(adapters, updates)
-    metrics = {"loss": loss / weight, "tokens": weight, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss / jnp.maximum(weight, 1.0), "tokens": weight,
+               "grad_norm": optax.tree.norm(grads)}
     return adapters, opt_state, metrics
 
   step = InMesh(jax.jit(
