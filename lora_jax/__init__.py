@@ -11,8 +11,8 @@ from lora_jax.quantize import (QuantizedKernel, dequantize_params, quantize_para
                                requantize_like)
 from lora_jax.mixed import StackSpec
 from lora_jax.stack import AdapterStack, stack_adapters
-from lora_jax.tree import (combine, count, merge, merge_reversibly, partition, split, summary,
-                           unmerge)
+from lora_jax.tree import combine, count, merge, partition, split, summary
+from lora_jax.unmerge import merge_reversibly, unmerge
 
 from lora_jax import distributed, hf, quantize, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
 

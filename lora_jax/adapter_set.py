@@ -35,7 +35,8 @@ from lora_jax.inject import inject, quantized_model
 from lora_jax.layout import Layout
 from lora_jax.models.llama import LlamaConfig
 from lora_jax.stack import AdapterStack, check_name, stack_adapters
-from lora_jax.tree import RECORD_LEAVES, leaf_paths, merge_reversibly, split, unmerge
+from lora_jax.tree import leaf_paths, split
+from lora_jax.unmerge import RECORD_LEAVES, merge_reversibly, unmerge
 
 INDEX = "adapter_set.json"
 DEFAULT = "default"  # the adapter PEFT keeps at the root of its directory

@@ -12,7 +12,7 @@ import pytest
 import lora_jax as lj
 from lora_jax.adapter_set import switch_merged
 from lora_jax.layers import merged_kernel
-from lora_jax.tree import merge_reversibly, unmerge
+from lora_jax.unmerge import merge_reversibly, unmerge
 
 X = jnp.ones((2, 3, 5))
 
