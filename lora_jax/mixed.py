@@ -163,11 +163,13 @@ def add_stacked_adapters(module: nn.Module, spec: StackSpec, contraction: Contra
   dora = module.param(DORA, zeros, (spec.count,), jnp.float32)
   squeeze = lambda x, which: _gather(x, member, which, jnp.arange(spec.count))
   a32, b32 = squeeze(lora_a, "a").astype(jnp.float32), squeeze(lora_b, "b").astype(jnp.float32)
-  k = next(c for c in "KLMNOPQRSTUVWXYZ" if c not in member.kernel + member.rank)
-  delta = jnp.einsum(f"{k}{member.letters('a')},{k}{member.letters('b')}->{k}{member.kernel}",
-                     a32, b32, precision=jax.lax.Precision.HIGHEST)
-  w = kernel.astype(jnp.float32)[None] + scale.reshape((-1,) + (1,) * kernel.ndim) * delta
-  norms = jax.lax.stop_gradient(jax.vmap(member.column_norm)(w))
+  kernel32 = kernel.astype(jnp.float32)
+
+  def norm(one):  # ||W + s A@B|| of one adapter: one kernel-sized temporary at a time
+    a, b, s = one
+    return member.column_norm(kernel32 + s * member.delta(a, b))
+
+  norms = jax.lax.stop_gradient(jax.lax.map(norm, (a32, b32, scale)))
   gains = jnp.where(jnp.reshape(dora, (-1,) + (1,) * (norms.ndim - 1)) > 0,
                     _dora_gain(squeeze(magnitude, "m"), norms), 1.0)
   gain = jnp.where(jnp.reshape(valid, (-1,) + (1,) * (norms.ndim - 1)),
