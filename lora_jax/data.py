@@ -34,7 +34,7 @@ import numpy as np
 
 # Row formats and file reading live in formats; their names stay importable from here.
 from lora_jax.formats import DOCUMENTS, SUFFIXES, Chat, Example, Paths  # noqa: F401
-from lora_jax.formats import read_source, sources
+from lora_jax.formats import read_adapter_rows, read_source, sources
 
 BOS, EOS, PAD = 256, 257, 258
 
@@ -283,6 +283,51 @@ def load_dataset(paths: Paths, tokenizer: Any, seq_len: int, *, packing: bool = 
     raise ValueError(f"no usable rows in {_describe(paths)}: the {len(examples)} examples give "
                      f"no token to learn at seq_len={seq_len}")
   return rows
+
+
+def load_adapter_datasets(paths: Paths, tokenizer: Any, seq_len: int, *, key: str,
+                          names: Sequence[str], packing: bool = True
+                          ) -> dict[str, dict[str, np.ndarray]]:
+  """Rows for several adapters: each row of the data names its adapter in field `key`.
+
+  Each adapter's examples (in file order) are tokenized and packed apart, so a
+  row never mixes two adapters' examples: adapter `name` gets the rows that
+  `load_dataset` would give for its examples alone.
+
+  Args:
+    paths: JSONL or Parquet files, directories of them, or saved datasets
+      (as `read_texts`; plain text has no fields).
+    tokenizer, seq_len, packing: as for `load_dataset`.
+    key: the field naming each row's adapter.
+    names: the adapters, in order.
+
+  Returns:
+    `{name: rows}` in the order of `names`.
+
+  Raises:
+    ValueError: naming the row, for one naming no adapter of `names` or
+      lacking `key`; naming the adapter, for one that no row names or whose
+      rows give no token to learn; and as `load_dataset`.
+  """
+  examples: dict[str, list] = {name: [] for name in names}
+  for source in sources(paths):
+    for name, where, example in read_adapter_rows(source, key):
+      if name not in examples:
+        raise ValueError(f"{where}: \"{key}\" is {name!r}, not one of the run's adapters "
+                         f"({', '.join(names)})")
+      examples[name].append(example)
+  out = {}
+  for name, found in examples.items():
+    if not found:
+      raise ValueError(f"adapter {name!r} has no rows in {_describe(paths)}: no row's "
+                       f"\"{key}\" names it")
+    rows = pack((tokenize(e, tokenizer) for e in found), seq_len, packing=packing,
+                pad_id=tokenizer.PAD)
+    if not (rows["loss_mask"][:, 1:] * rows["attention_mask"][:, 1:]).any():
+      raise ValueError(f"adapter {name!r}: its {len(found)} examples in {_describe(paths)} give "
+                       f"no token to learn at seq_len={seq_len}")
+    out[name] = rows
+  return out
 
 
 def _index(value: Any, name: str, low: int = 0) -> int:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -218,7 +218,7 @@ def _sharegpt(source: str, turns: Any) -> list[dict]:
   return messages
 
 
-def _jsonl(path: Path, text: str) -> list[Row]:
+def _jsonl(path: Path, text: str, parse: Callable[[Any, str], Any] = parse_row) -> list:
   rows = []
   # Only '\n' ends a record: str.splitlines would also split at U+2028 and
   # friends, which JSON allows raw inside strings.
@@ -229,7 +229,7 @@ def _jsonl(path: Path, text: str) -> list[Row]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
-    rows.append(parse_row(record, f"{path}, line {number}"))
+    rows.append(parse(record, f"{path}, line {number}"))
   return rows
 
 
@@ -253,20 +253,21 @@ def _without_nulls(row: dict) -> dict:
   return row
 
 
-def _columnar(batches: Iterable[Any], where: Path) -> list[Row]:
+def _columnar(batches: Iterable[Any], where: Path,
+              parse: Callable[[Any, str], Any] = parse_row) -> list:
   """Rows of Arrow record batches or tables, numbered from 0 like `dataset[i]`."""
   rows = []
   for batch in batches:
     for record in batch.to_pylist():
       try:
-        rows.append(parse_row(_without_nulls(record), f"{where}, row {len(rows)}"))
+        rows.append(parse(_without_nulls(record), f"{where}, row {len(rows)}"))
       except ValueError as e:
         nulls = sorted(k for k, v in record.items() if v is None)
         raise ValueError(f"{e} (null, so missing: {nulls})" if nulls else str(e)) from None
   return rows
 
 
-def _parquet(path: Path) -> list[Row]:
+def _parquet(path: Path, parse: Callable[[Any, str], Any] = parse_row) -> list:
   try:
     import pyarrow
     import pyarrow.parquet as pq
@@ -274,7 +275,7 @@ def _parquet(path: Path) -> list[Row]:
     raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
   try:
     batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-    return _columnar(batches, path)
+    return _columnar(batches, path, parse)
   except (pyarrow.ArrowException, OSError) as e:
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(f"{path}: not a readable Parquet file ({detail})") from None
@@ -290,7 +291,7 @@ def saved_dataset(path: str | os.PathLike) -> str | None:
   return None
 
 
-def _saved(path: Path) -> list[Row]:
+def _saved(path: Path, parse: Callable[[Any, str], Any] = parse_row) -> list:
   try:
     import datasets
   except ImportError:
@@ -304,7 +305,7 @@ def _saved(path: Path) -> list[Row]:
                        f"{sorted(loaded)}")
     loaded, where = loaded["train"], path / "train"
   # The saved format (numpy, torch, ...) is dropped: rows as plain Python values.
-  return _columnar(loaded.with_format("arrow").iter(batch_size=4096), where)
+  return _columnar(loaded.with_format("arrow").iter(batch_size=4096), where, parse)
 
 
 def sources(paths: Paths) -> list[Path]:
@@ -368,3 +369,119 @@ def read_source(path: str | os.PathLike, *, documents: str = "file") -> list[Row
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 ({e})") from None
   return _jsonl(path, text) if path.suffix == ".jsonl" else _plain(text, documents)
+
+
+def read_adapter_rows(path: str | os.PathLike, key: str) -> list[tuple[str, str, Row]]:
+  """The rows of one JSONL or Parquet file or saved dataset, each with the adapter it trains.
+
+  Every row names its adapter in its field `key` (a run's `data.adapter_key`);
+  the other fields are read as `parse_row` reads them.
+
+  Args:
+    path: a `.jsonl` or `.parquet` file, or a directory written by
+      `datasets`' `save_to_disk`.
+    key: the field that names each row's adapter.
+
+  Returns:
+    `(adapter, source, row)` triples in file order; `source` says where the
+    row is (e.g. `'train.jsonl, line 7'`).
+
+  Raises:
+    ValueError: for a plain text file (its rows have no fields), a row
+      without `key` or whose `key` is not a non-empty string (naming the row
+      and the keys found), and as `read_source`.
+  """
+  path = Path(path)
+
+  def parse(record: Any, source: str) -> tuple[str, str, Row]:
+    if not isinstance(record, Mapping):
+      return parse_row(record, source)  # raises, naming what the row is
+    if key not in record:
+      raise ValueError(f'{source}: no "{key}" field naming the adapter the row trains '
+                       f"(data.adapter_key); found {sorted(map(str, record))}")
+    label = record[key]
+    if not isinstance(label, str) or not label:
+      raise ValueError(f'{source}: "{key}" is {_type(label) if label != "" else "empty"}; '
+                       "it must name one of the run's adapters")
+    return label, source, parse_row({k: v for k, v in record.items() if k != key}, source)
+
+  if path.is_dir():
+    if not saved_dataset(path):
+      raise ValueError(f"{path}: a directory, but not one written by datasets' save_to_disk")
+    return _saved(path, parse)
+  if path.suffix == ".parquet":
+    return _parquet(path, parse)
+  if path.suffix != ".jsonl":
+    raise ValueError(f'{path}: plain text has no "{key}" field to name each row\'s adapter; '
+                     "data for several adapters comes in .jsonl or .parquet files or saved "
+                     "datasets")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 ({e})") from None
+  return _jsonl(path, text, parse)
+
+
+PROMPT_KEYS = ("prompt", "adapter", "system")
+
+
+class Prompt(NamedTuple):
+  """One line of a prompts file (`read_prompts`).
+
+  Attributes:
+    prompt: the text to continue, or in a chat the user's message.
+    adapter: the name of the adapter to run it with; None: the base model.
+    system: a system message for a chat, or None.
+    source: where the line is, e.g. `'prompts.jsonl, line 3'`.
+  """
+
+  prompt: str
+  adapter: str | None
+  system: str | None
+  source: str
+
+
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
+  """The prompts of a JSONL file: one `{"prompt": ..., "adapter": ..., "system": ...}`
+  object per line, `"adapter"` (a name, or null/absent for the base model) and
+  `"system"` optional. Blank lines are skipped.
+
+  Raises:
+    FileNotFoundError: when `path` is not a file.
+    ValueError: naming the line, for a line that is not a JSON object, lacks
+      `"prompt"`, has a key besides those three, or a value that is not a
+      string (or null, for `"adapter"` and `"system"`); and for a file with
+      no prompts.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"prompts file {path} does not exist")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 ({e})") from None
+  shape = 'an object with "prompt" and optionally "adapter" and "system"'
+  prompts = []
+  for number, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    where = f"{path}, line {number}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, Mapping):
+      raise ValueError(f"{where}: expected {shape}; found {_type(record)}")
+    unknown = sorted(set(record) - set(PROMPT_KEYS))
+    if unknown:
+      raise ValueError(f"{where}: unknown keys {unknown}; expected {shape}")
+    if not isinstance(record.get("prompt"), str):
+      found = "no \"prompt\"" if "prompt" not in record else f'"prompt" is {_type(record["prompt"])}'
+      raise ValueError(f"{where}: {found}; expected {shape} (a string)")
+    for key in ("adapter", "system"):
+      if record.get(key) is not None and not isinstance(record[key], str):
+        raise ValueError(f'{where}: "{key}" is {_type(record[key])}; expected a string or null')
+    prompts.append(Prompt(record["prompt"], record.get("adapter"), record.get("system"), where))
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts (expected one JSON object per line)")
+  return prompts
