@@ -3,6 +3,7 @@
     lora-jax train [--config FILE] [section.key=value ...]
     lora-jax info [--config FILE] [section.key=value ...]
     lora-jax generate [--base MODEL] [--adapter DIR] [--prompt TEXT] [--chat] ...
+    lora-jax generate [--base MODEL] --adapter NAME=DIR ... --prompts FILE [--output FILE]
     lora-jax merge --adapter DIR --output DIR [--base MODEL]
     lora-jax pretrain [--config FILE] [...]      (how the shipped tiny model was made)
     lora-jax export-peft --adapter DIR --output DIR [--base-model NAME]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # ImportError: an optional dependency the input needs (pyarrow, sentencepiece), named.
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError)
@@ -42,9 +44,15 @@ def _parser() -> argparse.ArgumentParser:
   gen = sub.add_parser("generate", help="continue a prompt, or answer it (--chat), with a model "
                        "and an adapter")
   gen.add_argument("--base", default="builtin:tiny-kjv", help=base_help)
-  gen.add_argument("--adapter", help="a lora_jax adapter directory (a run's output_dir/adapter) "
-                   "or a PEFT adapter directory")
-  gen.add_argument("--prompt", default="", help="text to continue, or with --chat the message")
+  gen.add_argument("--adapter", action="append", metavar="DIR | NAME=DIR",
+                   help="a lora_jax adapter directory (a run's output_dir/adapter) or a PEFT "
+                   "adapter directory; with --prompts, NAME=DIR, once per adapter the file names")
+  gen.add_argument("--prompt", help="text to continue, or with --chat the message")
+  gen.add_argument("--prompts", metavar="FILE",
+                   help='JSONL, one {"prompt": ..., "adapter": NAME or null, "system": ...} a '
+                   "line: all run as one batch, each with its adapter; prints a JSON line each")
+  gen.add_argument("--output", metavar="FILE", help="with --prompts: write the JSON lines to "
+                   "this new file (an existing one is never overwritten)")
   gen.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the chat template and print "
                    "the reply")
@@ -98,6 +106,69 @@ def _base(args: argparse.Namespace):
                       quantize_block=args.quantize_block)
 
 
+def _single_adapter(values: Sequence[str]) -> str | None:
+  """The adapter directory of a single prompt (`--adapter DIR`), if any."""
+  if len(values) > 1:
+    raise ValueError("several --adapter NAME=DIR go with --prompts FILE, whose lines name their "
+                     "adapters; one --prompt takes one --adapter DIR")
+  if not values:
+    return None
+  name, sep, _ = values[0].partition("=")
+  if sep and name and not Path(values[0]).exists():
+    raise ValueError(f"--adapter {values[0]}: no such directory; NAME=DIR names adapters for "
+                     "--prompts FILE, and one --prompt takes the directory alone")
+  return values[0]
+
+
+def _named_adapters(values: Sequence[str]) -> dict[str, str]:
+  """`--adapter NAME=DIR` values as name -> directory, checked."""
+  from lora_jax.recipe import check_adapter_name
+  named: dict[str, str] = {}
+  for value in values:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--adapter {value}: with --prompts each adapter is NAME=DIR, NAME being "
+                       "what the file's \"adapter\" fields say")
+    check_adapter_name(name, f"--adapter {value}: ")
+    if name in named:
+      raise ValueError(f"--adapter {value}: the name {name!r} is given twice (also "
+                       f"{name}={named[name]})")
+    named[name] = path
+  return named
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+  """`generate --prompts FILE`: every prompt with its adapter, one batch, JSON lines out."""
+  import json
+
+  from lora_jax import formats, run
+  if args.prompt is not None:
+    raise ValueError("--prompt and --prompts both given: give one prompt, or a file of them")
+  adapters = _named_adapters(args.adapter or [])
+  output = None
+  if args.output is not None:
+    output = Path(args.output)
+    if output.exists():
+      raise FileExistsError(f"--output {output} exists: refusing to overwrite it; choose a new "
+                            "file")
+    if not output.parent.is_dir():
+      raise FileNotFoundError(f"--output {output}: the directory {output.parent} does not exist")
+  prompts = formats.read_prompts(args.prompts)
+  replies = run.generate_batch(
+      _base(args), prompts, adapters=adapters, chat=args.chat, system=args.system,
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+      seed=args.seed)
+  lines = "".join(json.dumps({"adapter": p.adapter, "prompt": p.prompt, "completion": reply},
+                             ensure_ascii=False) + "\n" for p, reply in zip(prompts, replies))
+  if output is None:
+    print(lines, end="")
+  else:
+    with open(output, "x", encoding="utf-8") as f:  # "x": never replaces a file
+      f.write(lines)
+    print(f"{len(prompts)} completions written: {output}")
+  return 0
+
+
 def _size(n: int) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
@@ -120,20 +191,34 @@ def _run(args: argparse.Namespace) -> int:
             + f", {_size(facts['base_bf16_bytes'])} in bfloat16")
       print(f"trainable: {facts['trainable']:,} "
             f"({100 * facts['trainable'] / facts['params']:.3f}%)")
+      for name, adapter in facts.get("adapters", {}).items():
+        print(f"adapter {name}: {adapter['adapter_params']:,} params in "
+              f"{len(adapter['targets'])} layers")
       print(f"adapted layers ({len(facts['targets'])}):")
       for path in facts["targets"]:
         print(f"  {path}")
       return 0
     result = run.train_run(cfg, progress=not args.no_progress, full=args.command == "pretrain")
-    if "eval_before" in result:
-      print(f"eval loss: {result['eval_before']:.4f} -> {result['eval_after']:.4f}")
+    before, after = result.get("eval_before"), result.get("eval_after")
+    if isinstance(before, dict):  # several adapters: each one's loss on its own rows
+      for name in before:
+        print(f"eval loss ({name}): {before[name]:.4f} -> {after[name]:.4f}")
+    elif before is not None:
+      print(f"eval loss: {before:.4f} -> {after:.4f}")
     return 0
   if args.command == "generate":
+    if args.prompts is not None:
+      return _generate_batch(args)
+    if args.output is not None:
+      raise ValueError("--output writes the results of --prompts FILE; one --prompt prints its "
+                       "reply")
+    adapter = _single_adapter(args.adapter or [])
+    prompt = args.prompt or ""
     reply = run.generate_text(
-        _base(args), args.prompt, adapter=args.adapter, chat=args.chat,
+        _base(args), prompt, adapter=adapter, chat=args.chat,
         system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed)
-    print(reply if args.chat else args.prompt + reply)
+    print(reply if args.chat else prompt + reply)
     return 0
   if args.command in ("export-peft", "import-peft"):
     from lora_jax import checkpoint, hf

@@ -2,7 +2,9 @@
 
 A run config has six sections, each a frozen dataclass: `model` (which base,
 and how to run it), `lora` (a `LoRAConfig`), `data`, `train`, `mesh` and
-`export` (what a run writes besides its adapter), plus `output_dir`. YAML gives the values; `key.sub=value` overrides on the command
+`export` (what a run writes besides its adapter), plus `output_dir`, and for
+a run that trains several adapters at once `adapters` (name -> changes to the
+`lora` section). YAML gives the values; `key.sub=value` overrides on the command
 line replace single fields. Every unknown key is an error that names it and
 suggests the closest known key.
 """
@@ -26,6 +28,20 @@ def check_float_dtype(value: Any, key: str) -> None:
   """Raises `ValueError` naming `key` unless `value` names a floating dtype."""
   if value not in FLOAT_DTYPES:
     raise ValueError(f"{key}={value!r}: must be one of {', '.join(FLOAT_DTYPES)}")
+
+
+def check_adapter_name(name: Any, prefix: str = "") -> str:
+  """`name` if it can name an adapter: a non-empty string that can name a directory
+  (a run writes `adapters/<name>`), without `=` (`--adapter NAME=DIR`) and not
+  `__base__` (PEFT's name for the base model); else `ValueError` after `prefix`."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{prefix}adapter name {name!r}: must be a non-empty string")
+  if any(c in name for c in "/\\=\0") or name in (".", ".."):
+    raise ValueError(f"{prefix}adapter name {name!r}: must not contain '/', '\\' or '=', or be "
+                     "'.' or '..' (each adapter is written to a directory of its name)")
+  if name == "__base__":
+    raise ValueError(f"{prefix}adapter name {name!r} is reserved for the base model")
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +117,8 @@ class DataSection:
     packing: pack examples into full rows (else one example per row, padded).
     documents: how plain text splits into examples: 'file', 'paragraphs',
       'lines'.
+    adapter_key: with `adapters` (several adapters in one run), the field of
+      every JSONL/Parquet row that names the adapter it trains; None: 'adapter'.
   """
 
   train: tuple[str, ...] = ("builtin:devil",)
@@ -109,6 +127,7 @@ class DataSection:
   seq_len: int = 128
   packing: bool = True
   documents: str = "paragraphs"
+  adapter_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +207,21 @@ SECTIONS = {"model": ModelSection, "lora": LoRAConfig, "data": DataSection,
             "train": TrainSection, "mesh": MeshSection, "export": ExportSection}
 
 
+# Names an adapter of a run cannot take: files of the directories its adapters are written to.
+RESERVED_NAMES = ("adapter_set.json", "adapter_config.json", "adapter_model.safetensors")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """A whole run; `from_dict` validates every key."""
+  """A whole run; `from_dict` validates every key.
+
+  Attributes:
+    adapters: several adapters trained at once, each on the rows that name it
+      (`data.adapter_key`): `(name, LoRAConfig)` pairs in slot order, each the
+      `lora` section with that adapter's changes. Empty: one adapter, the
+      `lora` section's. In YAML a mapping `name: {lora key: value, ...}` (or
+      a list of names, each taking the `lora` section as it is).
+  """
 
   model: ModelSection = ModelSection()
   lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0)
@@ -199,6 +230,37 @@ class RunConfig:
   mesh: MeshSection = MeshSection()
   export: ExportSection = ExportSection()
   output_dir: str = "runs/default"
+  adapters: tuple[tuple[str, LoRAConfig], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "adapters", tuple((n, c) for n, c in self.adapters))
+    names = [name for name, _ in self.adapters]
+    for name, config in self.adapters:
+      check_adapter_name(name, "adapters: ")
+      if name in RESERVED_NAMES:
+        raise ValueError(f"adapters: {name!r} names a file of the adapter directories a run "
+                         "writes; choose another name")
+      if not isinstance(config, LoRAConfig):
+        raise ValueError(f"adapters.{name}: expected a LoRAConfig, got {type(config).__name__}")
+      if config.init == "loftq":
+        raise ValueError(f"adapters.{name}: init=loftq fits one adapter to the quantized base's "
+                         "error; several adapters share one base, so they start with "
+                         "init=default")
+      if config.trainable:
+        raise ValueError(f"adapters.{name}: trainable={list(config.trainable)} trains base "
+                         "params fully, but several adapters share one base: they train "
+                         "adapters only (set trainable: [])")
+    if len(set(names)) != len(names):
+      raise ValueError(f"adapters: {sorted({n for n in names if names.count(n) > 1})} given "
+                       "twice")
+    rates = {config.dropout_rate for _, config in self.adapters}
+    if len(rates) > 1:
+      raise ValueError(f"adapters: dropout_rate differs ({sorted(rates)}); the adapters train in "
+                       "one stack, which applies one dropout rate: give them the same")
+    if self.data.adapter_key is not None and not self.adapters:
+      raise ValueError(f"data.adapter_key={self.data.adapter_key!r} names the field that says "
+                       "which adapter a row trains, for a run with several adapters: give them "
+                       "in 'adapters' (or leave data.adapter_key unset)")
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
@@ -213,16 +275,48 @@ class RunConfig:
       values[name] = _build(section, given, name)
     if "output_dir" in data:
       values["output_dir"] = str(data["output_dir"])
+    values["adapters"] = _adapters(data.get("adapters"), values["lora"])
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
     out = {name: (getattr(self, name).to_dict() if name == "lora"
                   else _plain(dataclasses.asdict(getattr(self, name)))) for name in SECTIONS}
     out["output_dir"] = self.output_dir
+    if self.adapters:  # each adapter as its changes to the lora section
+      lora = self.lora.to_dict()
+      out["adapters"] = {name: {k: v for k, v in config.to_dict().items() if v != lora[k]}
+                         for name, config in self.adapters}
     return out
 
   def to_yaml(self) -> str:
     return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _adapters(given: Any, lora: LoRAConfig) -> tuple[tuple[str, LoRAConfig], ...]:
+  """The `adapters` key of a config: a list of names, or name -> changes to `lora`."""
+  if given is None:
+    return ()
+  if isinstance(given, (list, tuple)):
+    names = [check_adapter_name(name, "adapters: ") for name in given]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"adapters: {repeated} listed twice")
+    given = {name: None for name in names}
+  if not isinstance(given, Mapping):
+    raise ValueError("adapters must map each adapter's name to its changes to the lora section "
+                     f"(or list the names), got {given!r}")
+  out = []
+  for name, changes in given.items():
+    check_adapter_name(name, "adapters: ")
+    changes = changes or {}
+    if not isinstance(changes, Mapping):
+      raise ValueError(f"adapters.{name} must be a mapping of lora keys (e.g. {{rank: 4}}) or "
+                       f"empty, got {changes!r}")
+    try:
+      out.append((name, LoRAConfig.from_dict({**lora.to_dict(), **changes})))
+    except ValueError as e:
+      raise ValueError(f"adapters.{name}: {e}") from None
+  return tuple(out)
 
 
 def _plain(d: dict) -> dict:

@@ -9,14 +9,18 @@ the `export` section asks `peft/` (a PEFT adapter) and `merged/` (a model of
 the base's kind). With `model.quantize` the frozen base is quantized as it
 loads (QLoRA); with `lora.init: loftq` the LoftQ start is computed once into
 `loftq/`, and a PEFT export comes with `loftq_base/`, the dequantized base
-those adapters belong to.
+those adapters belong to. With `adapters` (several adapters, each trained on
+the rows that name it) a run writes `adapters/<name>` instead of `adapter/`,
+and `peft/<name>` and `merged/<name>` as `export` asks; `generate_batch`
+runs prompts for several adapters as one batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,17 @@ import optax
 import yaml
 
 from lora_jax import bases, checkpoint, data, distributed, sharding, train
+from lora_jax.adapter_set import INDEX
 from lora_jax.config import LoRAConfig
+from lora_jax.formats import Prompt
 from lora_jax.inject import init_adapters, inject, quantized_model, targets
 from lora_jax.loftq import loftq_params
+from lora_jax.mixed import DORA, SCALE
 from lora_jax.models.llama import Llama, generate
 from lora_jax.optim import optimizer
 from lora_jax.recipe import ModelSection, RunConfig, check_float_dtype
 from lora_jax.quantize import dequantize_params, footprint
+from lora_jax.stack import AdapterStack, stack_adapters
 from lora_jax.tree import combine, count, merge, split
 
 
@@ -74,13 +82,32 @@ def _datasets(cfg: RunConfig, tokenizer) -> tuple[dict, dict]:
   if d.eval:
     return rows, data.load_dataset(corpus_paths(d.eval), tokenizer, d.seq_len,
                                    packing=d.packing, documents=d.documents)
+  return _hold_out(rows, cfg, "data")
+
+
+def _hold_out(rows: dict, cfg: RunConfig, what: str) -> tuple[dict, dict]:
+  """`(train, eval)`: `data.eval_fraction` of the rows held out, chosen by `train.seed`."""
   n = len(next(iter(rows.values())))
-  held = max(1, int(round(n * d.eval_fraction)))
+  held = max(1, int(round(n * cfg.data.eval_fraction)))
   if n - held < 1:
-    raise ValueError(f"data: {n} rows of {d.seq_len} tokens are too few to hold some out")
+    raise ValueError(f"{what}: {n} rows of {cfg.data.seq_len} tokens are too few to hold some "
+                     "out")
   order = np.random.default_rng(cfg.train.seed).permutation(n)
   pick = lambda idx: {k: v[np.sort(idx)] for k, v in rows.items()}
   return pick(order[held:]), pick(order[:held])
+
+
+def _adapter_datasets(cfg: RunConfig, tokenizer, names: list[str]) -> dict[str, tuple]:
+  """Each adapter's `(train, eval)` rows, from data whose rows name their adapter."""
+  d = cfg.data
+  load = lambda specs: data.load_adapter_datasets(
+      corpus_paths(specs), tokenizer, d.seq_len, key=d.adapter_key or "adapter", names=names,
+      packing=d.packing)
+  rows = load(d.train)
+  if d.eval:
+    held = load(d.eval)
+    return {name: (rows[name], held[name]) for name in names}
+  return {name: _hold_out(rows[name], cfg, f"adapter {name!r}") for name in names}
 
 
 def _check_run_dir(out: Path, cfg: RunConfig) -> None:
@@ -91,10 +118,10 @@ def _check_run_dir(out: Path, cfg: RunConfig) -> None:
     # checkpoints of one cannot resume the other.
     lora_plus = lambda c: c.train.lora_plus_ratio is not None
     if (previous.lora != cfg.lora or previous.model != cfg.model or previous.data != cfg.data
-        or lora_plus(previous) != lora_plus(cfg)):
+        or lora_plus(previous) != lora_plus(cfg) or previous.adapters != cfg.adapters):
       raise ValueError(f"{out} holds a different run's checkpoints (its run_config.yaml "
-                       "differs in model, lora, data or whether train.lora_plus_ratio is "
-                       "set); choose another output_dir")
+                       "differs in model, lora, adapters, data or whether "
+                       "train.lora_plus_ratio is set); choose another output_dir")
   elif out.exists() and any(out.iterdir()):
     raise ValueError(f"{out} is not empty and holds no lora-jax run; choose another output_dir")
   out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +150,13 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   if full and cfg.model.quantize != "none":
     raise ValueError(f"model.quantize={cfg.model.quantize} freezes the base in few bits: full "
                      "training needs float params; set model.quantize=none")
+  if full and cfg.adapters:
+    raise ValueError("adapters: pretrain trains every param of one model; several adapters "
+                     "train with lora-jax train")
   base_model = bases.resolve(cfg.model)
   tokenizer = base_model.tokenizer()
+  if cfg.adapters:
+    return _train_adapters(cfg, base_model, tokenizer, mesh, progress, log)
   train_rows, eval_rows = _datasets(cfg, tokenizer)
 
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
@@ -165,42 +197,11 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   rows = distributed.host_rows(step.batch_sharding, t.batch_size)
   loader = data.Loader(train_rows, t.batch_size, seed=t.seed, host_rows=rows,
                        position=state.data)
-  evaluate = _evaluator(model, step, eval_rows, t, rows)
-  result = {"eval_before": evaluate(state.adapters, base)} if state.step == 0 else {}
-  if "eval_before" in result:
-    log(f"eval loss before: {result['eval_before']:.4f}")
-
-  bar = _progress(t.steps, state.step, progress)
-  tokens, start, pending = 0, time.perf_counter(), None
-
-  def report(metrics) -> None:
-    # Reads a step's metrics once the next step is queued: the host never waits on the
-    # device between steps just to draw the progress bar.
-    nonlocal tokens
-    tokens += int(metrics["tokens"])
-    rate = tokens / max(time.perf_counter() - start, 1e-9)
-    bar.update(1)
-    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
-
-  while state.step < t.steps:
-    batch = distributed.host_batch(next(loader), step.batch_sharding, t.batch_size)
-    rng = jax.random.fold_in(state.rng, state.step)
-    new_adapters, opt_state, metrics = step.step(state.adapters, state.opt_state, base, batch, rng)
-    state = checkpoint.TrainState(state.step + 1, new_adapters, opt_state, state.rng,
-                                  loader.state())
-    ckpt.save(state)
-    if pending is not None:
-      report(pending)
-    pending = metrics
-    if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
-      bar.write(f"step {state.step}: eval loss {evaluate(state.adapters, base):.4f}")
-  if pending is not None:
-    report(pending)
-  bar.close()
-  ckpt.save(state, force=True)
-  ckpt.close()
-  result["eval_after"] = evaluate(state.adapters, base)
-  log(f"eval loss after: {result['eval_after']:.4f}")
+  evaluate = _evaluator(_eval_fn(train.causal_lm_loss(model, dropout=False)), step, eval_rows,
+                        t, rows)
+  next_batch = lambda: distributed.host_batch(next(loader), step.batch_sharding, t.batch_size)
+  state, result = _train_loop(t, step.step, state, base, next_batch, loader.state, evaluate,
+                              ckpt, progress, log)
   final = combine(state.adapters, base)
   if full:
     result["model"] = base_model.save(out / "model", final, overwrite=True)
@@ -215,6 +216,192 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
             "does not hold this run's adapter")
   result["steps"] = state.step
   return result
+
+
+def _losses(loss: float | Mapping[str, float]) -> str:
+  """An eval loss, or each adapter's, for the log."""
+  if isinstance(loss, Mapping):
+    return ", ".join(f"{name} {value:.4f}" for name, value in loss.items())
+  return f"{loss:.4f}"
+
+
+def _train_loop(t, step_fn: Callable, state: checkpoint.TrainState, base: Any,
+                next_batch: Callable[[], Any], position: Callable[[], Any],
+                evaluate: Callable, ckpt: checkpoint.TrainCheckpointer, progress: bool,
+                log: Callable[[str], None]) -> tuple[checkpoint.TrainState, dict[str, Any]]:
+  """Steps from `state` to `train.steps`, checkpointing and evaluating on the way.
+
+  Returns the last state (saved) and the eval losses before (at step 0 only) and after.
+  """
+  result = {"eval_before": evaluate(state.adapters, base)} if state.step == 0 else {}
+  if "eval_before" in result:
+    log(f"eval loss before: {_losses(result['eval_before'])}")
+
+  bar = _progress(t.steps, state.step, progress)
+  tokens, start, pending = 0, time.perf_counter(), None
+
+  def report(metrics) -> None:
+    # Reads a step's metrics once the next step is queued: the host never waits on the
+    # device between steps just to draw the progress bar.
+    nonlocal tokens
+    tokens += int(metrics["tokens"])
+    rate = tokens / max(time.perf_counter() - start, 1e-9)
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
+
+  while state.step < t.steps:
+    batch = next_batch()
+    rng = jax.random.fold_in(state.rng, state.step)
+    new_adapters, opt_state, metrics = step_fn(state.adapters, state.opt_state, base, batch, rng)
+    state = checkpoint.TrainState(state.step + 1, new_adapters, opt_state, state.rng,
+                                  position())
+    ckpt.save(state)
+    if pending is not None:
+      report(pending)
+    pending = metrics
+    if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
+      bar.write(f"step {state.step}: eval loss {_losses(evaluate(state.adapters, base))}")
+  if pending is not None:
+    report(pending)
+  bar.close()
+  ckpt.save(state, force=True)
+  ckpt.close()
+  result["eval_after"] = evaluate(state.adapters, base)
+  log(f"eval loss after: {_losses(result['eval_after'])}")
+  return state, result
+
+
+def _train_adapters(cfg: RunConfig, base_model: bases.Base, tokenizer, mesh, progress: bool,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+  """`train_run` for several adapters (`cfg.adapters`): one stack, trained by `MixedLoss`.
+
+  Every step's batch holds `train.batch_size` rows of each adapter, drawn by its
+  own `Loader` (seed `train.seed`), and each adapter starts as a run of its own
+  config with `train.seed` would: so each trains as a single-adapter run on its
+  rows alone (AdamW is elementwise), up to float round-off and dropout masks.
+  """
+  t = cfg.train
+  configs = dict(cfg.adapters)
+  names = list(configs)
+  k = len(names)
+  datasets = _adapter_datasets(cfg, tokenizer, names)
+  sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
+  llama = Llama(base_model.config)
+  out = Path(cfg.output_dir).resolve()
+  _check_run_dir(out, cfg)
+  _, base_params = base_model.load(mesh)
+  members = {}
+  for name, config in configs.items():
+    fresh = init_adapters(inject(llama, config), base_params, jax.random.key(t.seed), sample)
+    members[name] = (split(fresh, config)[0], config)
+  s = stack_adapters(llama, members, sample, dropout_rate=configs[names[0]].dropout_rate)
+  mixed = inject(llama, s.spec)
+  abstract = base_model.abstract_params(mixed, sample)
+  tx = _optimizer(cfg, nn.unbox(abstract), None)
+  step = train.make_train_step(train.MixedLoss(mixed, k), tx, mesh, abstract,
+                               accum_steps=t.accum_steps, layouts=dict(s.layouts))
+  adapters, opt_state, base = step.place(combine(s.params, base_params))
+  sizes = {name: sum(x.size for x in jax.tree.leaves(members[name][0])) for name in names}
+  del base_params, members
+  log(f"model: {sum(count(_without_stack_settings(base)).values()):,} params, training {k} "
+      "adapters ("
+      + ", ".join(f"{name} {n:,}" for name, n in sizes.items())
+      + f" params) stacked at rank {s.spec.max_rank} on a {dict(mesh.shape)} mesh")
+
+  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", cfg.lora, save_every=t.save_every,
+                                      keep=t.keep)
+  shapes = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  state = ckpt.restore(checkpoint.TrainState(0, shapes(adapters), shapes(opt_state),
+                                             jax.random.key(t.seed)))
+  if state is None:
+    state = checkpoint.TrainState(0, adapters, opt_state, jax.random.key(t.seed),
+                                  {name: {"epoch": 0, "batch": 0} for name in names})
+  else:
+    log(f"resuming from step {state.step} in {out / 'checkpoints'}")
+  # Every host draws the whole global batch (each adapter's rows, in slot order) and
+  # keeps its own rows of it.
+  loaders = {}
+  for name in names:
+    try:
+      loaders[name] = data.Loader(datasets[name][0], t.batch_size, seed=t.seed,
+                                  position=state.data[name])
+    except ValueError as e:
+      raise ValueError(f"adapter {name!r}: {e}") from None
+  rows = distributed.host_rows(step.batch_sharding, k * t.batch_size)
+  ids = np.repeat(np.arange(k, dtype=np.int32), t.batch_size)
+
+  def next_batch():
+    parts = [next(loaders[name]) for name in names]
+    batch = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    batch["adapter_ids"] = ids
+    return distributed.host_batch({key: v[rows] for key, v in batch.items()},
+                                  step.batch_sharding, k * t.batch_size)
+
+  tokens = jax.jit(lambda b: jnp.sum(b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]))
+
+  def step_fn(adapters, opt_state, base, batch, rng):
+    # With MixedLoss the step's 'tokens' counts adapters: the bar shows tokens per second.
+    adapters, opt_state, metrics = step.step(adapters, opt_state, base, batch, rng)
+    return adapters, opt_state, {**metrics, "tokens": tokens(batch)}
+
+  eval_loss = train.MixedLoss(mixed, k, dropout=False)
+  fn = _eval_fn(lambda params, batch, rng: eval_loss(
+      params, {**batch, "example_weight": jnp.ones(batch["adapter_ids"].shape, jnp.float32)},
+      rng))
+  eval_rows = distributed.host_rows(step.batch_sharding, t.batch_size)
+  evaluators = {}
+  for slot, name in enumerate(names):
+    held = datasets[name][1]
+    held = {**held, "adapter_ids": np.full(len(held["input_ids"]), slot, np.int32)}
+    evaluators[name] = _evaluator(fn, step, held, t, eval_rows)
+  evaluate = lambda adapters, base: {name: e(adapters, base) for name, e in evaluators.items()}
+  position = lambda: {name: loader.state() for name, loader in loaders.items()}
+  state, result = _train_loop(t, step_fn, state, base, next_batch, position, evaluate, ckpt,
+                              progress, log)
+  trained = s.replace(params=combine(state.adapters, split(s.params)[1]))
+  result.update(_export_adapters(cfg, base_model, trained, _without_stack_settings(base), out))
+  for name in ("adapters", "peft", "merged"):
+    if name in result:
+      log(f"{name}: {result[name]}")
+    elif (out / name).exists():
+      log(f"note: {out / name} is from an earlier export (export.{name} is off now): it "
+          "does not hold this run's adapters")
+  result["steps"] = state.step
+  return result
+
+
+def _without_stack_settings(params: Mapping) -> dict:
+  """`params` without an adapter stack's frozen per-adapter settings (scales, DoRA flags)."""
+  return {key: _without_stack_settings(value) if isinstance(value, Mapping) else value
+          for key, value in params.items() if key not in (SCALE, DORA)}
+
+
+def _export_adapters(cfg: RunConfig, base_model: bases.Base, trained: AdapterStack, base: Any,
+                     out: Path) -> dict[str, Path]:
+  """Each adapter of a trained stack to `adapters/<name>` (with the index `AdapterSet.load`
+  reads), and as `cfg.export` asks PEFT's multi-adapter layout in `peft/<name>` and each
+  merged model in `merged/<name>`."""
+  e = cfg.export
+  adapters = {name: trained.adapter(name) for name in trained.names if name is not None}
+  written = {"adapters": out / "adapters"}
+  for name, (tree, config) in adapters.items():
+    checkpoint.save_adapter(out / "adapters" / name, tree, config, overwrite=True)
+  if jax.process_index() == 0:  # the index `AdapterSet.load` reads
+    (out / "adapters" / INDEX).write_text(json.dumps({"names": list(adapters)}, indent=2) + "\n")
+  if e.peft if e.peft is not None else base_model.kind == "hf":
+    from lora_jax import hf
+    written["peft"] = out / "peft"
+    for name, (tree, config) in adapters.items():  # PEFT's layout for adapters not 'default'
+      hf.export_peft(out / "peft" / name, tree, config, model_config=base_model.config,
+                     overwrite=True,
+                     base_model_name_or_path=e.base_model_name_or_path or base_model.name_or_path)
+  if e.merged if e.merged is not None else base_model.kind != "hf":
+    written["merged"] = out / "merged"
+    for name, (tree, config) in adapters.items():
+      base_model.save(out / "merged" / name, merge(combine(tree, base), config),
+                      dtype=e.merged_dtype, overwrite=True)
+  return written
 
 
 def _loftq_start(base_model: bases.Base, model: nn.Module, config: LoRAConfig, sample: Any,
@@ -268,9 +455,12 @@ def _progress(total: int, done: int, enabled: bool):
   return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def _evaluator(model, step, rows, t, host_rows):
-  loss_fn = train.causal_lm_loss(model, dropout=False)
-  fn = jax.jit(lambda a, b, batch: loss_fn(combine(a, b), batch, jax.random.key(0)))
+def _eval_fn(loss_fn: train.LossFn) -> Callable:
+  """`(adapters, base, batch) -> (summed loss, weight)`, jitted, without dropout's rng."""
+  return jax.jit(lambda a, b, batch: loss_fn(combine(a, b), batch, jax.random.key(0)))
+
+
+def _evaluator(fn, step, rows, t, host_rows):
   n = len(next(iter(rows.values())))
   batches = min(t.eval_batches, max(n // t.batch_size, 1))
 
@@ -347,19 +537,7 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   """
   base_model = bases.resolve(section)
   tokenizer = base_model.tokenizer()
-  if chat:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
-    # The template writes its own BOS where the model expects one.
-    ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
-  else:
-    if system:
-      raise ValueError("a system message needs chat (--chat)")
-    ids = tokenizer.encode(prompt, bos=True)
-  if not len(ids):
-    raise ValueError("nothing to continue: the prompt is empty and the tokenizer adds no BOS; "
-                     "give a prompt")
-  ids = jnp.asarray(ids, jnp.int32)[None, :]
+  ids = jnp.asarray(_prompt_ids(tokenizer, prompt, chat, system), jnp.int32)[None, :]
   model, params, config = _load_sharded(base_model, adapter)
   if config is not None:
     model = inject(model, config)
@@ -368,9 +546,105 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
                  stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
-  new = np.asarray(out[0, ids.shape[1]:])
+  return _reply(tokenizer, out[0, ids.shape[1]:])
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None, where: str = ""
+                ) -> np.ndarray:
+  """The ids generation starts from: the prompt after BOS, or with `chat` the rendered
+  conversation up to the assistant's turn. `where` prefixes errors."""
+  if chat:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    # The template writes its own BOS where the model expects one.
+    ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+  else:
+    if system:
+      raise ValueError(f"{where}a system message needs chat (--chat)")
+    ids = tokenizer.encode(prompt, bos=True)
+  if not len(ids):
+    raise ValueError(f"{where}nothing to continue: the prompt is empty and the tokenizer adds "
+                     "no BOS; give a prompt")
+  return np.asarray(ids, np.int32).ravel()
+
+
+def _reply(tokenizer, new: Any) -> str:
+  """New ids as text, up to the first stop id, special tokens removed."""
+  new = np.asarray(new)
   ends = np.flatnonzero(np.isin(new, tokenizer.stop_ids))
   return tokenizer.decode(new[:ends[0]] if ends.size else new)
+
+
+def generate_batch(section: ModelSection, prompts: Sequence[Prompt], *,
+                   adapters: Mapping[str, str] | None = None, chat: bool = False,
+                   system: str | None = None, max_new_tokens: int = 200,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """Runs many prompts, each with its own adapter (or the base), as one batch.
+
+  The named adapters are stacked (`lora_jax.stack_adapters`) on the base and
+  every prompt, left-padded, runs with its adapter's id through one compiled
+  `generate`. Greedy, each reply is the one `generate_text` gives for that
+  prompt and adapter alone (up to float round-off in a near tie); sampled,
+  the rows draw from one rng.
+
+  Args:
+    section: the base model.
+    prompts: from `lora_jax.formats.read_prompts`; each names an adapter of
+      `adapters`, or None for the base.
+    adapters: name -> a lora_jax or PEFT adapter directory.
+    chat: each prompt is a user message (after its `system`, else `system`).
+    system: the system message of prompts that give none (with `chat`).
+    max_new_tokens, temperature, top_p, seed: as for `generate_text`.
+
+  Returns:
+    Each prompt's new text, in order.
+
+  Raises:
+    ValueError: naming the line, for a prompt naming an adapter not in
+      `adapters`, or an empty prompt; naming the adapter, for one that does
+      not fit the base or cannot be stacked.
+  """
+  adapters = dict(adapters or {})
+  if not prompts:
+    raise ValueError("no prompts to run")
+  for p in prompts:
+    if p.adapter is not None and p.adapter not in adapters:
+      raise ValueError(f"{p.source}: no adapter named {p.adapter!r}; the adapters are "
+                       f"{list(adapters) or 'none'} (null runs the base)")
+  base_model = bases.resolve(section)
+  tokenizer = base_model.tokenizer()
+  ids = [_prompt_ids(tokenizer, p.prompt, chat, system if p.system is None else p.system,
+                     f"{p.source}: ") for p in prompts]
+  width = max(map(len, ids))
+  prompt_ids = np.zeros((len(ids), width), np.int32)
+  mask = np.zeros((len(ids), width), np.int32)
+  for i, row in enumerate(ids):  # left-padded: every row's next token is at the end
+    prompt_ids[i, width - len(row):] = row
+    mask[i, width - len(row):] = 1
+  model, params, _ = _load_sharded(base_model, None)
+  kwargs = {}
+  if adapters:
+    loaded = {}
+    for name, path in adapters.items():
+      try:
+        loaded[name] = load_adapter(path, params)
+      except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"adapter {name!r}: {e}") from None
+    s = stack_adapters(model, loaded, jnp.zeros((1, 1), jnp.int32))
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    stacked = jax.device_put(s.params, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    model, params = inject(model, s.spec), combine(stacked, params)
+    kwargs["adapter_ids"] = s.ids([p.adapter for p in prompts])
+  elif base_model.quantize != "none":
+    model = quantized_model(model)
+  out = generate(model, params, prompt_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_p=top_p,
+                 rng=jax.random.key(seed) if temperature > 0 else None,
+                 stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size,
+                 model_kwargs=kwargs)
+  out = np.asarray(out)
+  return [_reply(tokenizer, row[width:]) for row in out]
 
 
 def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: str | None = None
@@ -393,10 +667,22 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
   abstract = nn.unbox(base_model.abstract_params(inject(llama, cfg.lora), sample))
   n = count(abstract, cfg.lora)
   stored = footprint(split(abstract, cfg.lora)[1])
-  return {"params": sum(n.values()), "trainable": n["lora"] + n["trainable"],
-          "adapter_params": n["lora"], "targets": targets(llama, cfg.lora, sample),
-          "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size,
-          "base_bytes": stored["bytes"], "base_bf16_bytes": 2 * stored["weights"],
-          "quantized": {**stored, "format": cfg.model.quantize},
-          "kind": {"hf": "Hugging Face checkpoint", "model": "lora_jax model directory",
-                   "preset": "preset (random weights)"}[base_model.kind]}
+  facts = {"params": sum(n.values()), "trainable": n["lora"] + n["trainable"],
+           "adapter_params": n["lora"], "targets": targets(llama, cfg.lora, sample),
+           "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size,
+           "base_bytes": stored["bytes"], "base_bf16_bytes": 2 * stored["weights"],
+           "quantized": {**stored, "format": cfg.model.quantize},
+           "kind": {"hf": "Hugging Face checkpoint", "model": "lora_jax model directory",
+                    "preset": "preset (random weights)"}[base_model.kind]}
+  if cfg.adapters:  # several adapters: each one's own count and layers
+    facts["adapters"] = {}
+    for name, config in cfg.adapters:
+      shapes = nn.unbox(base_model.abstract_params(inject(llama, config), sample))
+      facts["adapters"][name] = {"adapter_params": count(shapes, config)["lora"],
+                                 "targets": targets(llama, config, sample)}
+    facts["params"] -= facts["adapter_params"]
+    facts["adapter_params"] = sum(a["adapter_params"] for a in facts["adapters"].values())
+    facts["trainable"] = facts["adapter_params"]
+    facts["params"] += facts["adapter_params"]
+    facts["targets"] = sorted({p for a in facts["adapters"].values() for p in a["targets"]})
+  return facts
