@@ -2,8 +2,6 @@
 BPE tokenizer trained here and a chat template, fine-tuned by `lora-jax train` on chat JSONL,
 out to a PEFT adapter that PyTorch's PEFT loads with the same logits and continuation."""
 
-import contextlib
-import io
 import json
 import re
 import sys
@@ -17,10 +15,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 import tiny_hf
+from cli_runner import lora_jax
 from tiny_hf import make_checkpoint
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, cli, run
+from lora_jax import bases, checkpoint, run
 from lora_jax.recipe import ModelSection
 
 ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",
@@ -29,20 +28,13 @@ ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",
 QUESTION = "Define LAWYER."
 
 
-def lora_jax(*argv) -> tuple[int, str, str]:
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(list(argv))
-  return code, out.getvalue(), err.getvalue()
-
-
 def chat_rows(n: int) -> list[dict]:
   return tiny_hf.chat_rows(system="You are a cynical lexicographer.")[:n]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-llama")
+def ckpt(tiny_llama):
+  return tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 by `lora-jax train model.quantize=nf4`, and the PEFT adapter on PyTorch's bitsandbytes NF4
 base giving lora_jax's logits; LoftQ starts; merge paths; what `info` reports; bad input."""
 
-import contextlib
 import dataclasses
-import io
 import json
 import re
 
@@ -17,10 +15,10 @@ import torch
 import transformers
 from peft import PeftModel
 import tiny_hf
-from tiny_hf import make_checkpoint
+from cli_runner import lora_jax
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, cli, quantize as q, run, sharding
+from lora_jax import bases, checkpoint, quantize as q, run, sharding
 from lora_jax.hf.llama import load_llama
 from lora_jax.recipe import ModelSection, RunConfig
 
@@ -32,16 +30,9 @@ ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",
 TEXT = "ABSURDITY, n. A statement or belief manifestly inconsistent with one's own opinion."
 
 
-def lora_jax(*argv) -> tuple[int, str, str]:
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(list(argv))
-  return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-  return make_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-llama")
+def ckpt(tiny_llama):
+  return tiny_llama
 
 
 @pytest.fixture(scope="module")
