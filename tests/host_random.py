@@ -17,18 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def normal(seed: int, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-  """Standard normal values of `shape`, drawn in float32 and cast to `dtype`.
+def normal(seed: int, shape: tuple[int, ...], dtype: Any = jnp.float32,
+           std: float = 1.0) -> jax.Array:
+  """Normal values of `shape`, drawn in float32 and cast to `dtype`.
 
   Args:
     seed: the numpy generator's seed.
     shape: the array's shape.
     dtype: the array's dtype (float32 values rounded to it).
+    std: the standard deviation (the mean is 0).
 
   Returns:
     A device array.
   """
-  values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * np.float32(std)
   return jnp.asarray(values.astype(jnp.dtype(dtype)))
 
 

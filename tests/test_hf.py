@@ -1,6 +1,7 @@
 """Hugging Face interop against transformers' LlamaForCausalLM and PEFT (torch CPU)."""
 
 import dataclasses
+import itertools
 import json
 import shutil
 import warnings
@@ -14,6 +15,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
 
+import host_random
 import lora_jax as lj
 from lora_jax import cli, hf, sharding
 from lora_jax.checkpoint import load_adapter, save_adapter
@@ -69,12 +71,12 @@ def with_trained_adapters(model, base_params, config, seed=1):
   """Adapters made non-trivial (B and DoRA magnitudes moved off their init)."""
   lora_model = lj.inject(model, config)
   params = lj.init_adapters(lora_model, base_params, jax.random.key(seed), jnp.asarray(IDS))
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+  seeds = itertools.count(1000 * (seed + 1))
 
-  def nudge(kp, x):
+  def nudge(kp, x):  # on the host: no compile per shape
     moved = kp[-1].key in ("lora_b", "lora_magnitude") or config.is_trainable(
         "/".join(k.key for k in kp))
-    return x + 0.05 * jax.random.normal(next(keys), x.shape) if moved else x
+    return host_random.nudge(x, next(seeds), 0.05) if moved else x
   return lora_model, jax.tree_util.tree_map_with_path(nudge, params)
 
 

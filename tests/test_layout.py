@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import host_random
 import lora_jax as lj
 from lora_jax.layout import (
     Layout, dense_contraction, einsum_contraction, layout_of, read_layout)
@@ -76,7 +77,7 @@ class Stack(nn.Module):
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_scan_with_layer_axis_1_merges(use_dora):
-  x = jax.random.normal(jax.random.key(0), (2, 5))
+  x = host_random.normal(0, (2, 5))
   config = lj.LoRAConfig(rank=2, use_dora=use_dora)
   model = lj.inject(Stack(), config)
   params = _perturb(model.init(jax.random.key(1), x)["params"])
@@ -89,7 +90,7 @@ def test_scan_with_layer_axis_1_merges(use_dora):
 
 def test_einsum_with_a_size_1_contracting_axis_merges():
   layer = lambda cls: cls((3, 1, 4), "btd,ndh->btnh", name="e")
-  x = jax.random.normal(jax.random.key(0), (2, 5, 1))
+  x = host_random.normal(0, (2, 5, 1))
   for use_dora in (False, True):
     config = lj.LoRAConfig(rank=2, use_dora=use_dora)
     model = lj.inject(layer(nn.Einsum), config)
@@ -121,7 +122,7 @@ def test_a_recorded_layout_merges_what_shapes_cannot_tell():
     def __call__(self, x, _):
       return jnp.tanh(self.dense(4, name="proj")(x)), None
 
-  x = jax.random.normal(jax.random.key(0), (2, 4))
+  x = host_random.normal(0, (2, 4))
   config = lj.LoRAConfig(rank=4, use_dora=True)
   model = lj.inject(Square(), config)
   params = _perturb(model.init(jax.random.key(1), x)["params"])
@@ -181,7 +182,7 @@ def test_a_layer_axis_after_the_rank(axis, use_dora):
     def __call__(self, x, _):
       return jnp.tanh(nn.Dense(5, use_bias=False, name="proj")(x)), None
 
-  x = jax.random.normal(jax.random.key(0), (2, 5))
+  x = host_random.normal(0, (2, 5))
   config = lj.LoRAConfig(rank=2, use_dora=use_dora)
   model = lj.inject(Last(), config)
   params = _perturb(model.init(jax.random.key(1), x)["params"])

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import host_random
 import lora_jax as lj
 from lora_jax import quantize as q
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
@@ -24,7 +25,7 @@ def trained(params):
   def move(kp, x):
     name = getattr(kp[-1], "key", "")
     if name == "lora_b":
-      return jax.random.normal(jax.random.key(len(kp)), x.shape, x.dtype) * 0.05
+      return host_random.normal(len(kp), x.shape, x.dtype, std=0.05)  # no compile per shape
     return x
   return jax.tree_util.tree_map_with_path(move, params)
 
@@ -62,7 +63,7 @@ def test_quantized_base_gives_the_dequantized_base_outputs_and_gradients(base, f
 
 
 def test_lora_layer_and_dora_on_a_quantized_kernel():
-  x = jax.random.normal(jax.random.key(0), (3, 64))
+  x = host_random.normal(0, (3, 64))
   for layer in (LoRADense(16, rank=2), LoRADense(16, rank=2, use_dora=True)):
     params = trained(layer.init(jax.random.key(1), x)["params"])
     quantized = {**params, "kernel": q.quantize(params["kernel"], "nf4")}
@@ -80,7 +81,7 @@ def test_lora_layer_and_dora_on_a_quantized_kernel():
 def test_dense_general_and_einsum_layers_on_quantized_kernels(make, x_shape):
   """Blocks run along the kernel's second-last axis whatever it means; the layer computes
   on exactly the dequantized kernel."""
-  layer, x = make(), jax.random.normal(jax.random.key(0), x_shape)
+  layer, x = make(), host_random.normal(0, x_shape)
   params = trained(layer.init(jax.random.key(1), x)["params"])
   quantized = {**params, "kernel": q.quantize(params["kernel"], "nf4", block=2)}
   dense = {**params, "kernel": quantized["kernel"].dequantize()}
