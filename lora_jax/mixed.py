@@ -5,13 +5,15 @@ K adapters share a base as one *stack*: every adapted layer holds their A, B
 each adapter's own scale as data (`lora_scale`, shape (K,)). A `StackSpec` is
 the stack's static shape: the layers, K, the rank, DoRA or not. The model
 `inject(model, spec)` takes `adapter_ids` (one per example: the adapter's
-index, or -1 for the base) as an extra keyword of its call; each layer gathers
-the adapter of each example and adds its update, so one compiled program
-serves any mix of adapters, and any adapters that fit the spec (swapping the
-stack's values never recompiles).
+index, or -1 for the base) as an extra keyword of its call; each layer runs
+every example through all K adapters' A at once (K * r columns), keeps each
+example's own adapter (weighed by its scale, the others by zero) and contracts
+with all K B's at once, so one compiled program serves any mix of adapters and
+no adapter is ever copied per example; any adapters that fit the spec share
+the program (swapping the stack's values never recompiles).
 
 Padding is exact: the padded rows of A and columns of B are zero, so they add
-nothing and (through the gather's gradient) stay zero in training. An
+nothing and (their gradients being zero) stay zero in training. An
 example's output is the output of the base plus its adapter alone; a layer
 its adapter does not target adds zero. Built and filled by `lora_jax.stack`.
 """
@@ -19,6 +21,7 @@ its adapter does not target adds zero. Built and filled by `lora_jax.stack`.
 from __future__ import annotations
 
 import dataclasses
+import string
 import threading
 from typing import Any
 
@@ -99,13 +102,6 @@ def check_ids(ids: Any, spec: StackSpec, batch: int | None) -> jax.Array:
   return ids.astype(jnp.int32)
 
 
-def _gather(stacked: jax.Array, layout: Layout, which: str, index: jax.Array) -> jax.Array:
-  """Each example's adapter array, placeholders squeezed: (examples, *letters)."""
-  picked = jnp.take(stacked, index, axis=0)
-  axes = tuple(1 + i for i, c in enumerate(getattr(layout, which)) if c == "_")
-  return jnp.squeeze(picked, axes) if axes else picked
-
-
 def add_stacked_adapters(module: nn.Module, spec: StackSpec, contraction: Contraction,
                          inputs: jax.Array, outputs: jax.Array, *,
                          deterministic: bool | None = None) -> jax.Array:
@@ -141,18 +137,23 @@ def add_stacked_adapters(module: nn.Module, spec: StackSpec, contraction: Contra
 
   valid = (ids >= 0) & (ids < spec.count)
   index = jnp.where(valid, ids, 0)
-  # The base's examples scale their update by 0; out-of-range ids poison their row.
+  # Each example's weight on every adapter: its scale on its own, 0 elsewhere; the
+  # base's examples weigh nothing, and out-of-range ids poison their row with NaN.
   s = jnp.where(valid, jnp.take(scale, index), jnp.where(ids == BASE_ID, 0.0, jnp.nan))
+  weights = jax.nn.one_hot(index, spec.count, dtype=jnp.float32) * s[:, None]
   compute = outputs.dtype
   dropped = _dropout(module, inputs, spec.dropout_rate, deterministic)
   x = (inputs if dropped is None else dropped).astype(compute)
-  hidden = "".join(c for c in contraction.inputs if c not in member.contract) + member.rank
+  # Every example through every adapter's A (K * r columns, no per-example copy of
+  # any adapter), weighed, then through all the B's at once.
+  k = next(c for c in string.ascii_letters if c not in "".join(contraction) + member.rank)
+  hidden = "".join(c for c in contraction.inputs if c not in member.contract) + k + member.rank
   precision = getattr(module, "precision", None)
-  h = jnp.einsum(f"{contraction.inputs},{e}{member.letters('a')}->{hidden}", x,
-                 _gather(lora_a, member, "a", index).astype(compute), precision=precision)
-  h = h * jnp.reshape(s, (-1,) + (1,) * (h.ndim - 1)).astype(compute)
-  update = jnp.einsum(f"{hidden},{e}{member.letters('b')}->{contraction.outputs}", h,
-                      _gather(lora_b, member, "b", index).astype(compute), precision=precision)
+  h = jnp.einsum(f"{contraction.inputs},{k}{member.letters('a')}->{hidden}", x,
+                 layout.squeeze(lora_a, "a").astype(compute), precision=precision)
+  h = h * _align(weights.astype(compute), e + k, hidden)
+  update = jnp.einsum(f"{hidden},{k}{member.letters('b')}->{contraction.outputs}", h,
+                      layout.squeeze(lora_b, "b").astype(compute), precision=precision)
   if not spec.use_dora:
     return outputs + update
 
@@ -161,8 +162,8 @@ def add_stacked_adapters(module: nn.Module, spec: StackSpec, contraction: Contra
   magnitude = module.param("lora_magnitude", _annotated(norm_init, raw_kernel, layout, "m"),
                            m_shape, dtype)
   dora = module.param(DORA, zeros, (spec.count,), jnp.float32)
-  squeeze = lambda x, which: _gather(x, member, which, jnp.arange(spec.count))
-  a32, b32 = squeeze(lora_a, "a").astype(jnp.float32), squeeze(lora_b, "b").astype(jnp.float32)
+  a32 = layout.squeeze(lora_a, "a").astype(jnp.float32)
+  b32 = layout.squeeze(lora_b, "b").astype(jnp.float32)
   kernel32 = kernel.astype(jnp.float32)
 
   def norm(one):  # ||W + s A@B|| of one adapter: one kernel-sized temporary at a time
@@ -171,7 +172,7 @@ def add_stacked_adapters(module: nn.Module, spec: StackSpec, contraction: Contra
 
   norms = jax.lax.stop_gradient(jax.lax.map(norm, (a32, b32, scale)))
   gains = jnp.where(jnp.reshape(dora, (-1,) + (1,) * (norms.ndim - 1)) > 0,
-                    _dora_gain(squeeze(magnitude, "m"), norms), 1.0)
+                    _dora_gain(layout.squeeze(magnitude, "m"), norms), 1.0)
   gain = jnp.where(jnp.reshape(valid, (-1,) + (1,) * (norms.ndim - 1)),
                    jnp.take(gains, index, axis=0), 1.0)
   gain = _align(gain, e + member.letters("m"), contraction.outputs)
