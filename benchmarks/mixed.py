@@ -362,7 +362,7 @@ def layer(u: Setup) -> dict:
 
 
 def training(u: Setup) -> dict:
-  s, llama, base, ids = u.s, u.llama, u.base, u.train_ids
+  s, base, ids = u.s, u.base, u.train_ids
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tx = optax.adamw(1e-4, weight_decay=0.01)
   rng = jax.random.key(0)

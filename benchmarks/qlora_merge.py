@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
   import numpy as np
 
   import lora_jax as lj
-  from lora_jax import bases, data, run, train
+  from lora_jax import bases, run, serve, train
   from lora_jax.recipe import RunConfig, load
 
   out = Path(tempfile.mkdtemp()) / "run"
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
                                                               "quantize": "none"}})
   llama, quantized = bases.resolve(cfg.model).load()
   _, dense = bases.resolve(float_cfg.model).load()
-  adapters, config = run.load_adapter(str(out / "adapter"), quantized)
+  adapters, config = serve.load_adapter(str(out / "adapter"), quantized)
 
   tokenizer = bases.resolve(cfg.model).tokenizer()
   _, eval_rows = run._datasets(cfg, tokenizer)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 
 from lora_jax.checkpoint import load_adapter, save_adapter
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig
+from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, check_adapter_name
 from lora_jax.hf.llama import fresh_directory
 from lora_jax.hf.peft import ServingWarning
 from lora_jax.hf.peft import export_peft as _export_peft
@@ -34,7 +34,7 @@ from lora_jax.hf.peft import import_peft as _import_peft
 from lora_jax.inject import inject, quantized_model
 from lora_jax.layout import Layout
 from lora_jax.models.llama import LlamaConfig
-from lora_jax.stack import AdapterStack, check_name, stack_adapters
+from lora_jax.stack import AdapterStack, stack_adapters
 from lora_jax.tree import leaf_paths, split
 from lora_jax.unmerge import RECORD_LEAVES, merge_reversibly, unmerge
 
@@ -156,7 +156,7 @@ class AdapterSet:
       ValueError: for a bad name, a name taken (without `overwrite`), or
         adapters that hold no adapter leaves or disagree with `config`.
     """
-    check_name(name)
+    check_adapter_name(name)
     if name in self._entries and not overwrite:
       raise ValueError(f"an adapter named {name!r} is in the set already (pass overwrite=True "
                        "to replace it)")
@@ -361,7 +361,7 @@ class AdapterSet:
       if sub.name == DEFAULT and found:
         raise ValueError(f"{path} holds an adapter at its root and in {sub}: both would be "
                          f"{DEFAULT!r}")
-      found.append((check_name(sub.name), sub))
+      found.append((check_adapter_name(sub.name), sub))
     if not found:
       raise FileNotFoundError(f"{path} holds no PEFT adapter: no {_PEFT_FILES[0]} at its root "
                               "or in a subdirectory")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import string
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoRAConfig
-from lora_jax.layout import PLACEHOLDER, Layout
+from lora_jax.layout import PLACEHOLDER, Layout, adapter_layouts
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -266,7 +265,7 @@ class _Form(NamedTuple):
     layout = layouts[path] if layouts is not None else _read(path, shapes, adapters)
     kernels = {}
     for i, a, b in shapes:
-      kernels[i] = _kernel_shape(layout, a, b)
+      kernels[i] = layout.kernel_shape(a, b)
       if kernels[i] is None:
         _fail(f"adapters[{i}] layer '{path}': lora_a {a} and lora_b {b} are not stored as its "
               f"layout says ({layout})")
@@ -302,26 +301,17 @@ class _Form(NamedTuple):
     return jnp.expand_dims(x, holes)
 
 
-def _kernel_shape(layout: Layout, a: tuple, b: tuple) -> tuple[int, ...] | None:
-  """The kernel shape that adapters of these shapes fit in `layout`, or None."""
-  if len(a) != len(layout.a) or len(b) != len(layout.b):
-    return None
-  kernel = tuple(a[layout.a.index(c)] if c in layout.a else b[layout.b.index(c)]
-                 for c in layout.kernel)
-  return kernel if layout.shapes(kernel, layout.rank_of(a))[:2] == (a, b) else None
-
-
 def _read(path: str, shapes: list, adapters: Sequence) -> Layout:
   """The one way (up to what computes the same) that every adapter's shapes at `path` read,
   at its config's rank."""
   common = None
   for i, a, b in shapes:
-    rank, readings = adapters[i][1].rank_for(path), _readings(a, b)
+    rank, readings = adapters[i][1].rank_for(path), adapter_layouts(a, b)
     if not readings:
       _fail(f"adapters[{i}] layer '{path}': lora_a {a} and lora_b {b} fit no adapter layout "
             "(A: [shared] + contracting + (r,), B: [shared] + (r,) + output, or both with "
             "every kernel axis and the rank last; plus axes nn.scan/nn.vmap inserted)")
-    found = {_meaning(ly, a, b): ly for ly in readings if ly.rank_of(a) == rank}
+    found = {ly.roles(a, b): ly for ly in readings if ly.rank_of(a) == rank}
     if not found:
       read = "/".join(map(str, sorted({ly.rank_of(a) for ly in readings})))
       _fail(f"adapters[{i}] layer '{path}' has a rank-{read} adapter but its config gives "
@@ -336,57 +326,6 @@ def _read(path: str, shapes: list, adapters: Sequence) -> Layout:
   _fail(f"layer '{path}' ({told}) reads {len(common)} ways that combine differently: "
         f"{'; '.join(map(str, common.values()))}. Pass the recorded ones: "
         "layouts=lora_jax.layouts(model, *sample_args)")
-
-
-def _meaning(layout: Layout, a: tuple, b: tuple) -> tuple:
-  """What a layout computes on arrays of these shapes, whatever its letters: each stored
-  axis is the rank, contracting, output, or shared with an axis of the other array; size-1
-  axes compute the same in any role."""
-  def roles(mine: str, theirs: str, shape: tuple, alone: str) -> tuple:
-    return tuple("r" if c == layout.rank else None if size == 1 else
-                 ("s", theirs.index(c)) if c in theirs else alone
-                 for c, size in zip(mine, shape))
-  return roles(layout.a, layout.b, a, "in"), roles(layout.b, layout.a, b, "out")
-
-
-@functools.lru_cache(maxsize=1024)
-def _readings(a: tuple, b: tuple) -> tuple[Layout, ...]:
-  """Every layout the library makes that A and B of these shapes fit, the kernel unknown.
-
-  As `lora_jax.layout.read_layout` reads them from the kernel too: compact
-  (`A: shared + contracting + (r,)`, `B: shared + (r,) + output`) or full
-  (every kernel axis, size 1 where not theirs, rank last), plus axes that
-  lifted transforms inserted at one index of every param.
-  """
-  found = []
-  for s in range(len(a) - 1):  # compact, s shared axes
-    if s < len(b) and a[:s] == b[:s] and b[s] == a[-1]:
-      k = len(a) + len(b) - s - 2
-      letters, rank = string.ascii_letters[:k], string.ascii_letters[k]
-      shared, contract, free = letters[:s], letters[s:len(a) - 1], letters[len(a) - 1:]
-      found.append(Layout(letters, contract, rank, shared + contract + rank,
-                          shared + rank + free, shared + free))
-  if len(a) == len(b) >= 2 and a[-1] == b[-1]:  # full
-    letters, rank = string.ascii_letters[:len(a) - 1], string.ascii_letters[len(a) - 1]
-    la = lb = contract = ""
-    for c, x, y in zip(letters, a, b):
-      if x == y > 1:  # shared
-        la, lb = la + c, lb + c
-      elif y == 1:  # contracting (or a size-1 axis: any role computes the same)
-        la, lb, contract = la + c, lb + PLACEHOLDER, contract + c
-      elif x == 1:  # output
-        la, lb = la + PLACEHOLDER, lb + c
-      else:
-        break
-    else:
-      if contract:
-        m = "".join(PLACEHOLDER if c in contract else c for c in letters)
-        found.append(Layout(letters, contract, rank, la + rank, lb + rank, m))
-  for p in [*range(min(len(a), len(b))), -1]:  # an axis lifted at index p of every param
-    if min(len(a), len(b)) > 1 and a[p] == b[p]:
-      drop = (lambda s: s[:p] + s[p + 1:]) if p >= 0 else (lambda s: s[:-1])
-      found += [inner.add_axis(p) for inner in _readings(drop(a), drop(b))]
-  return tuple(ly for ly in found if _kernel_shape(ly, a, b) is not None)
 
 
 # --- the methods ---------------------------------------------------------------

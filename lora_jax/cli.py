@@ -122,7 +122,7 @@ def _single_adapter(values: Sequence[str]) -> str | None:
 
 def _named_adapters(values: Sequence[str]) -> dict[str, str]:
   """`--adapter NAME=DIR` values as name -> directory, checked."""
-  from lora_jax.recipe import check_adapter_name
+  from lora_jax.config import check_adapter_name
   named: dict[str, str] = {}
   for value in values:
     name, sep, path = value.partition("=")
@@ -141,7 +141,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
   """`generate --prompts FILE`: every prompt with its adapter, one batch, JSON lines out."""
   import json
 
-  from lora_jax import formats, run
+  from lora_jax import formats, serve
   if args.prompt is not None:
     raise ValueError("--prompt and --prompts both given: give one prompt, or a file of them")
   adapters = _named_adapters(args.adapter or [])
@@ -154,7 +154,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
       raise FileNotFoundError(f"--output {output}: the directory {output.parent} does not exist")
   prompts = formats.read_prompts(args.prompts)
-  replies = run.generate_batch(
+  replies = serve.generate_batch(
       _base(args), prompts, adapters=adapters, chat=args.chat, system=args.system,
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
       seed=args.seed)
@@ -175,7 +175,7 @@ def _size(n: int) -> str:
 
 def _run(args: argparse.Namespace) -> int:
   # Imported here so that `--help` and argument errors answer at once.
-  from lora_jax import recipe, run
+  from lora_jax import recipe, run, serve
 
   if args.command in ("train", "pretrain", "info"):
     cfg = recipe.load(args.config, args.overrides)
@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
                        "reply")
     adapter = _single_adapter(args.adapter or [])
     prompt = args.prompt or ""
-    reply = run.generate_text(
+    reply = serve.generate_text(
         _base(args), prompt, adapter=adapter, chat=args.chat,
         system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed)
@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
       path = checkpoint.save_adapter(args.output, *hf.import_peft(args.adapter))
     print(f"adapter written: {path}")
     return 0
-  path = run.merge_adapter(_base(args), args.adapter, args.output,
+  path = serve.merge_adapter(_base(args), args.adapter, args.output,
                            dtype=args.dtype)
   print(f"merged model: {path}")
   return 0

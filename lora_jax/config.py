@@ -38,6 +38,7 @@ import yaml
 ALL_LINEAR = "all-linear"
 A_INITS = ("kaiming_uniform", "gaussian")
 INITS = ("default", "loftq")
+BASE_NAME = "__base__"  # PEFT's name for the base model, no adapter
 # Output heads that 'all-linear' leaves alone (PEFT does the same).
 HEAD_NAMES = ("lm_head", "head", "classifier", "score")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
@@ -437,3 +438,20 @@ def join_path(keys: Iterable[Any]) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def check_adapter_name(name: Any, prefix: str = "") -> str:
+  """`name` if it can name an adapter, else `ValueError` after `prefix`.
+
+  A name is a non-empty string that can name a directory (adapters are saved
+  in directories of their names), without `=` (`--adapter NAME=DIR`), and not
+  `BASE_NAME` (PEFT's name for the base model, no adapter).
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{prefix}adapter name {name!r}: must be a non-empty string")
+  if any(c in name for c in "/\\=\0") or name in (".", ".."):
+    raise ValueError(f"{prefix}adapter name {name!r}: must not contain '/', '\\' or '=', or be "
+                     "'.' or '..' (each adapter is saved in a directory of its name)")
+  if name == BASE_NAME:
+    raise ValueError(f"{prefix}adapter name {name!r} is reserved for the base model (no adapter)")
+  return name

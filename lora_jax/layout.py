@@ -218,6 +218,26 @@ class Layout:
     kept = "".join(c for c in self.kernel if c not in self.contract)
     return jnp.transpose(norm, [kept.index(c) for c in self.letters("m")])
 
+  def kernel_shape(self, a_shape, b_shape) -> tuple[int, ...] | None:
+    """The kernel shape that an adapter with arrays of these shapes fits in this
+    layout (unstacked), or None when it fits none."""
+    a, b = tuple(a_shape), tuple(b_shape)
+    if len(a) != len(self.a) or len(b) != len(self.b):
+      return None
+    kernel = tuple(a[self.a.index(c)] if c in self.a else b[self.b.index(c)]
+                   for c in self.kernel)
+    return kernel if self.shapes(kernel, self.rank_of(a))[:2] == (a, b) else None
+
+  def roles(self, a_shape, b_shape) -> tuple:
+    """What A and B of these shapes are in this layout, whatever its letters or the
+    kernel: each stored axis is the rank, contracting (`'in'`), output (`'out'`) or
+    shared with an axis of the other array; size-1 axes are the same in any role."""
+    def roles(mine: str, theirs: str, shape, alone: str) -> tuple:
+      return tuple("r" if c == self.rank else None if size == 1 else
+                   ("s", theirs.index(c)) if c in theirs else alone
+                   for c, size in zip(mine, shape))
+    return roles(self.a, self.b, a_shape, "in"), roles(self.b, self.a, b_shape, "out")
+
   def fan_in(self, kernel_shape) -> int:
     size = self._sizes(kernel_shape)
     return math.prod(size[c] for c in self.contract)
@@ -299,54 +319,49 @@ def find_layout(kernel_shape, a_shape, b_shape, m_shape=None, record: Layout | N
 
 @functools.lru_cache(maxsize=4096)
 def _readings(kernel, a, b, m) -> tuple[Layout, ...]:
-  """Every layout that fits the shapes, lifted axes peeled off one at a time."""
-  found = [layout for layout in (_compact_reading(kernel, a, b), _full_reading(kernel, a, b))
-           if layout is not None]
-  # An axis lifted at index p of every param, or at the end of each (index -1).
-  for p in [*range(min(len(kernel), len(a), len(b))), -1]:
-    if min(len(kernel), len(a), len(b), len(m) if m is not None else 1) == 0:
-      break
-    if kernel[p] == a[p] == b[p] and (m is None or (p < len(m) and m[p] == kernel[p])):
-      drop = lambda s: s[:p] + s[p + 1:] if p >= 0 else s[:-1]
-      found += [inner.add_axis(p) for inner in _readings(
-          drop(kernel), drop(a), drop(b), None if m is None else drop(m))]
-  if m is not None:
-    found = [layout for layout in found if layout.shapes(kernel, layout.rank_of(a))[2] == m]
+  """Every layout that fits the shapes, one per meaning."""
+  found = [layout for layout in adapter_layouts(a, b) if layout.kernel_shape(a, b) == kernel
+           and (m is None or layout.shapes(kernel, layout.rank_of(a))[2] == m)]
   unique = {layout._meaning(kernel): layout for layout in found}  # lifts found several ways
   return tuple(unique.values())
 
 
-def _compact_reading(kernel, a, b) -> Layout | None:
-  k, s = len(kernel), len(a) + len(b) - len(kernel) - 2
-  c = len(a) - s - 1
-  if s < 0 or c < 1 or len(b) - s - 1 < 0 or not a:
-    return None
-  r = a[-1]
-  if a != kernel[:s + c] + (r,) or b != kernel[:s] + (r,) + kernel[s + c:]:
-    return None
-  letters, rank = string.ascii_letters[:k], string.ascii_letters[k]
-  shared, contract, free = letters[:s], letters[s:s + c], letters[s + c:]
-  return Layout(letters, contract, rank, shared + contract + rank, shared + rank + free,
-                shared + free)
+@functools.lru_cache(maxsize=4096)
+def adapter_layouts(a_shape, b_shape) -> tuple[Layout, ...]:
+  """Every layout the library makes that A and B of these shapes fit, the kernel unknown.
 
-
-def _full_reading(kernel, a, b) -> Layout | None:
-  if not (len(a) == len(b) == len(kernel) + 1 and a[-1] == b[-1]):
-    return None
-  letters, rank = string.ascii_letters[:len(kernel)], string.ascii_letters[len(kernel)]
-  la, lb, contract = "", "", ""
-  for letter, kd, ad, bd in zip(letters, kernel, a, b):
-    if kd == 1 and ad == bd == 1:  # any role computes the same: call it contracting
-      la, lb, contract = la + letter, lb + PLACEHOLDER, contract + letter
-    elif ad == kd == bd:
-      la, lb = la + letter, lb + letter
-    elif ad == kd and bd == 1:
-      la, lb, contract = la + letter, lb + PLACEHOLDER, contract + letter
-    elif ad == 1 and bd == kd:
-      la, lb = la + PLACEHOLDER, lb + letter
+  Compact (`A: shared + contracting + (r,)`, `B: shared + (r,) + output`) or
+  full (every kernel axis, size 1 where not theirs, rank last), plus axes that
+  lifted transforms inserted at one index of every param. Each layout's
+  `kernel_shape` says the kernel it implies.
+  """
+  a, b = tuple(a_shape), tuple(b_shape)
+  found = []
+  for s in range(len(a) - 1):  # compact, s shared axes
+    if s < len(b) and a[:s] == b[:s] and b[s] == a[-1]:
+      k = len(a) + len(b) - s - 2
+      letters, rank = string.ascii_letters[:k], string.ascii_letters[k]
+      shared, contract, free = letters[:s], letters[s:len(a) - 1], letters[len(a) - 1:]
+      found.append(Layout(letters, contract, rank, shared + contract + rank,
+                          shared + rank + free, shared + free))
+  if len(a) == len(b) >= 2 and a[-1] == b[-1]:  # full
+    letters, rank = string.ascii_letters[:len(a) - 1], string.ascii_letters[len(a) - 1]
+    la = lb = contract = ""
+    for c, x, y in zip(letters, a, b):
+      if x == y > 1:  # shared
+        la, lb = la + c, lb + c
+      elif y == 1:  # contracting (or a size-1 axis: any role computes the same)
+        la, lb, contract = la + c, lb + PLACEHOLDER, contract + c
+      elif x == 1:  # output
+        la, lb = la + PLACEHOLDER, lb + c
+      else:
+        break
     else:
-      return None
-  if not contract:
-    return None
-  m = "".join(PLACEHOLDER if c in contract else c for c in letters)
-  return Layout(letters, contract, rank, la + rank, lb + rank, m)
+      if contract:
+        m = "".join(PLACEHOLDER if c in contract else c for c in letters)
+        found.append(Layout(letters, contract, rank, la + rank, lb + rank, m))
+  for p in [*range(min(len(a), len(b))), -1]:  # an axis lifted at index p of every param
+    if min(len(a), len(b)) > 1 and a[p] == b[p]:
+      drop = (lambda s: s[:p] + s[p + 1:]) if p >= 0 else (lambda s: s[:-1])
+      found += [inner.add_axis(p) for inner in adapter_layouts(drop(a), drop(b))]
+  return tuple(ly for ly in found if ly.kernel_shape(a, b) is not None)

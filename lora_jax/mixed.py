@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from lora_jax.config import _check_dtype, _check_rank
 from lora_jax.layers import _align, _annotated, _dora_gain, _dropout, dora_output
-from lora_jax.layout import Contraction, Layout, layout_of
+from lora_jax.layout import Contraction, layout_of
 from lora_jax.quantize import dequantize
 
 BASE_ID = -1  # the adapter id of an example that runs on the base alone

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lora_jax.config import LoRAConfig
+from lora_jax.config import LoRAConfig, check_adapter_name
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -28,20 +28,6 @@ def check_float_dtype(value: Any, key: str) -> None:
   """Raises `ValueError` naming `key` unless `value` names a floating dtype."""
   if value not in FLOAT_DTYPES:
     raise ValueError(f"{key}={value!r}: must be one of {', '.join(FLOAT_DTYPES)}")
-
-
-def check_adapter_name(name: Any, prefix: str = "") -> str:
-  """`name` if it can name an adapter: a non-empty string that can name a directory
-  (a run writes `adapters/<name>`), without `=` (`--adapter NAME=DIR`) and not
-  `__base__` (PEFT's name for the base model); else `ValueError` after `prefix`."""
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"{prefix}adapter name {name!r}: must be a non-empty string")
-  if any(c in name for c in "/\\=\0") or name in (".", ".."):
-    raise ValueError(f"{prefix}adapter name {name!r}: must not contain '/', '\\' or '=', or be "
-                     "'.' or '..' (each adapter is written to a directory of its name)")
-  if name == "__base__":
-    raise ValueError(f"{prefix}adapter name {name!r} is reserved for the base model")
-  return name
 
 
 @dataclasses.dataclass(frozen=True)

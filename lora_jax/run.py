@@ -9,18 +9,16 @@ the `export` section asks `peft/` (a PEFT adapter) and `merged/` (a model of
 the base's kind). With `model.quantize` the frozen base is quantized as it
 loads (QLoRA); with `lora.init: loftq` the LoftQ start is computed once into
 `loftq/`, and a PEFT export comes with `loftq_base/`, the dequantized base
-those adapters belong to. With `adapters` (several adapters, each trained on
-the rows that name it) a run writes `adapters/<name>` instead of `adapter/`,
-and `peft/<name>` and `merged/<name>` as `export` asks; `generate_batch`
-runs prompts for several adapters as one batch.
+those adapters belong to. A run with `adapters` trains several adapters at
+once (`lora_jax.stacked_run`). Generation and merged exports from a run's
+outputs are in `lora_jax.serve`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +30,13 @@ import optax
 import yaml
 
 from lora_jax import bases, checkpoint, data, distributed, sharding, train
-from lora_jax.adapter_set import INDEX
 from lora_jax.config import LoRAConfig
-from lora_jax.formats import Prompt
-from lora_jax.inject import init_adapters, inject, quantized_model, targets
+from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.loftq import loftq_params
-from lora_jax.mixed import DORA, SCALE
-from lora_jax.models.llama import Llama, generate
+from lora_jax.models.llama import Llama
 from lora_jax.optim import optimizer
-from lora_jax.recipe import ModelSection, RunConfig, check_float_dtype
+from lora_jax.recipe import RunConfig
 from lora_jax.quantize import dequantize_params, footprint
-from lora_jax.stack import AdapterStack, stack_adapters
 from lora_jax.tree import combine, count, merge, split
 
 
@@ -97,19 +91,6 @@ def _hold_out(rows: dict, cfg: RunConfig, what: str) -> tuple[dict, dict]:
   return pick(order[held:]), pick(order[:held])
 
 
-def _adapter_datasets(cfg: RunConfig, tokenizer, names: list[str]) -> dict[str, tuple]:
-  """Each adapter's `(train, eval)` rows, from data whose rows name their adapter."""
-  d = cfg.data
-  load = lambda specs: data.load_adapter_datasets(
-      corpus_paths(specs), tokenizer, d.seq_len, key=d.adapter_key or "adapter", names=names,
-      packing=d.packing)
-  rows = load(d.train)
-  if d.eval:
-    held = load(d.eval)
-    return {name: (rows[name], held[name]) for name in names}
-  return {name: _hold_out(rows[name], cfg, f"adapter {name!r}") for name in names}
-
-
 def _check_run_dir(out: Path, cfg: RunConfig) -> None:
   saved = out / "run_config.yaml"
   if saved.exists():
@@ -156,7 +137,8 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   base_model = bases.resolve(cfg.model)
   tokenizer = base_model.tokenizer()
   if cfg.adapters:
-    return _train_adapters(cfg, base_model, tokenizer, mesh, progress, log)
+    from lora_jax.stacked_run import train_adapters  # it builds on this module's steps
+    return train_adapters(cfg, base_model, tokenizer, mesh, progress, log)
   train_rows, eval_rows = _datasets(cfg, tokenizer)
 
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
@@ -271,139 +253,6 @@ def _train_loop(t, step_fn: Callable, state: checkpoint.TrainState, base: Any,
   return state, result
 
 
-def _train_adapters(cfg: RunConfig, base_model: bases.Base, tokenizer, mesh, progress: bool,
-                    log: Callable[[str], None]) -> dict[str, Any]:
-  """`train_run` for several adapters (`cfg.adapters`): one stack, trained by `MixedLoss`.
-
-  Every step's batch holds `train.batch_size` rows of each adapter, drawn by its
-  own `Loader` (seed `train.seed`), and each adapter starts as a run of its own
-  config with `train.seed` would: so each trains as a single-adapter run on its
-  rows alone (AdamW is elementwise), up to float round-off and dropout masks.
-  """
-  t = cfg.train
-  configs = dict(cfg.adapters)
-  names = list(configs)
-  k = len(names)
-  datasets = _adapter_datasets(cfg, tokenizer, names)
-  sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
-  llama = Llama(base_model.config)
-  out = Path(cfg.output_dir).resolve()
-  _check_run_dir(out, cfg)
-  _, base_params = base_model.load(mesh)
-  members = {}
-  for name, config in configs.items():
-    fresh = init_adapters(inject(llama, config), base_params, jax.random.key(t.seed), sample)
-    members[name] = (split(fresh, config)[0], config)
-  s = stack_adapters(llama, members, sample, dropout_rate=configs[names[0]].dropout_rate)
-  mixed = inject(llama, s.spec)
-  abstract = base_model.abstract_params(mixed, sample)
-  tx = _optimizer(cfg, nn.unbox(abstract), None)
-  step = train.make_train_step(train.MixedLoss(mixed, k), tx, mesh, abstract,
-                               accum_steps=t.accum_steps, layouts=dict(s.layouts))
-  adapters, opt_state, base = step.place(combine(s.params, base_params))
-  sizes = {name: sum(x.size for x in jax.tree.leaves(members[name][0])) for name in names}
-  del base_params, members
-  log(f"model: {sum(count(_without_stack_settings(base)).values()):,} params, training {k} "
-      "adapters ("
-      + ", ".join(f"{name} {n:,}" for name, n in sizes.items())
-      + f" params) stacked at rank {s.spec.max_rank} on a {dict(mesh.shape)} mesh")
-
-  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", cfg.lora, save_every=t.save_every,
-                                      keep=t.keep)
-  shapes = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-  state = ckpt.restore(checkpoint.TrainState(0, shapes(adapters), shapes(opt_state),
-                                             jax.random.key(t.seed)))
-  if state is None:
-    state = checkpoint.TrainState(0, adapters, opt_state, jax.random.key(t.seed),
-                                  {name: {"epoch": 0, "batch": 0} for name in names})
-  else:
-    log(f"resuming from step {state.step} in {out / 'checkpoints'}")
-  # Every host draws the whole global batch (each adapter's rows, in slot order) and
-  # keeps its own rows of it.
-  loaders = {}
-  for name in names:
-    try:
-      loaders[name] = data.Loader(datasets[name][0], t.batch_size, seed=t.seed,
-                                  position=state.data[name])
-    except ValueError as e:
-      raise ValueError(f"adapter {name!r}: {e}") from None
-  rows = distributed.host_rows(step.batch_sharding, k * t.batch_size)
-  ids = np.repeat(np.arange(k, dtype=np.int32), t.batch_size)
-
-  def next_batch():
-    parts = [next(loaders[name]) for name in names]
-    batch = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    batch["adapter_ids"] = ids
-    return distributed.host_batch({key: v[rows] for key, v in batch.items()},
-                                  step.batch_sharding, k * t.batch_size)
-
-  tokens = jax.jit(lambda b: jnp.sum(b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]))
-
-  def step_fn(adapters, opt_state, base, batch, rng):
-    # With MixedLoss the step's 'tokens' counts adapters: the bar shows tokens per second.
-    adapters, opt_state, metrics = step.step(adapters, opt_state, base, batch, rng)
-    return adapters, opt_state, {**metrics, "tokens": tokens(batch)}
-
-  eval_loss = train.MixedLoss(mixed, k, dropout=False)
-  fn = _eval_fn(lambda params, batch, rng: eval_loss(
-      params, {**batch, "example_weight": jnp.ones(batch["adapter_ids"].shape, jnp.float32)},
-      rng))
-  eval_rows = distributed.host_rows(step.batch_sharding, t.batch_size)
-  evaluators = {}
-  for slot, name in enumerate(names):
-    held = datasets[name][1]
-    held = {**held, "adapter_ids": np.full(len(held["input_ids"]), slot, np.int32)}
-    evaluators[name] = _evaluator(fn, step, held, t, eval_rows)
-  evaluate = lambda adapters, base: {name: e(adapters, base) for name, e in evaluators.items()}
-  position = lambda: {name: loader.state() for name, loader in loaders.items()}
-  state, result = _train_loop(t, step_fn, state, base, next_batch, position, evaluate, ckpt,
-                              progress, log)
-  trained = s.replace(params=combine(state.adapters, split(s.params)[1]))
-  result.update(_export_adapters(cfg, base_model, trained, _without_stack_settings(base), out))
-  for name in ("adapters", "peft", "merged"):
-    if name in result:
-      log(f"{name}: {result[name]}")
-    elif (out / name).exists():
-      log(f"note: {out / name} is from an earlier export (export.{name} is off now): it "
-          "does not hold this run's adapters")
-  result["steps"] = state.step
-  return result
-
-
-def _without_stack_settings(params: Mapping) -> dict:
-  """`params` without an adapter stack's frozen per-adapter settings (scales, DoRA flags)."""
-  return {key: _without_stack_settings(value) if isinstance(value, Mapping) else value
-          for key, value in params.items() if key not in (SCALE, DORA)}
-
-
-def _export_adapters(cfg: RunConfig, base_model: bases.Base, trained: AdapterStack, base: Any,
-                     out: Path) -> dict[str, Path]:
-  """Each adapter of a trained stack to `adapters/<name>` (with the index `AdapterSet.load`
-  reads), and as `cfg.export` asks PEFT's multi-adapter layout in `peft/<name>` and each
-  merged model in `merged/<name>`."""
-  e = cfg.export
-  adapters = {name: trained.adapter(name) for name in trained.names if name is not None}
-  written = {"adapters": out / "adapters"}
-  for name, (tree, config) in adapters.items():
-    checkpoint.save_adapter(out / "adapters" / name, tree, config, overwrite=True)
-  if jax.process_index() == 0:  # the index `AdapterSet.load` reads
-    (out / "adapters" / INDEX).write_text(json.dumps({"names": list(adapters)}, indent=2) + "\n")
-  if e.peft if e.peft is not None else base_model.kind == "hf":
-    from lora_jax import hf
-    written["peft"] = out / "peft"
-    for name, (tree, config) in adapters.items():  # PEFT's layout for adapters not 'default'
-      hf.export_peft(out / "peft" / name, tree, config, model_config=base_model.config,
-                     overwrite=True,
-                     base_model_name_or_path=e.base_model_name_or_path or base_model.name_or_path)
-  if e.merged if e.merged is not None else base_model.kind != "hf":
-    written["merged"] = out / "merged"
-    for name, (tree, config) in adapters.items():
-      base_model.save(out / "merged" / name, merge(combine(tree, base), config),
-                      dtype=e.merged_dtype, overwrite=True)
-  return written
-
-
 def _loftq_start(base_model: bases.Base, model: nn.Module, config: LoRAConfig, sample: Any,
                  abstract: Any, mesh: jax.sharding.Mesh, saved: Path, rng: jax.Array,
                  log: Callable[[str], None]) -> Any:
@@ -478,184 +327,6 @@ def _evaluator(fn, step, rows, t, host_rows):
     return total / max(weight, 1.0)
 
   return evaluate
-
-
-def _load_sharded(base_model: bases.Base, adapter: str | None) -> tuple[Any, ...]:
-  """The base over every device (fsdp), so models larger than one chip fit, with an
-  adapter replicated beside it: `(model, params, adapter config or None)`. A quantized
-  base whose blocks would straddle that many shards takes the largest fsdp size they fit
-  (the other devices hold copies)."""
-  n = jax.device_count()
-  abstract = base_model.abstract_params(Llama(base_model.config), jnp.zeros((1, 1), jnp.int32))
-  for fsdp in (d for d in range(n, 0, -1) if n % d == 0):
-    mesh = sharding.make_mesh(n // fsdp, fsdp, 1)
-    try:
-      sharding.param_shardings(abstract, mesh)
-      break
-    except ValueError:
-      if fsdp == 1:
-        raise
-  model, params = base_model.load(mesh)
-  if adapter is None:
-    return model, params, None
-  adapters, config = load_adapter(adapter, params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  adapters = jax.device_put(adapters, replicated)
-  return model, combine(adapters, params), config
-
-
-def load_adapter(path: str, params: Any) -> tuple[Any, LoRAConfig]:
-  """A lora_jax adapter directory, or a PEFT adapter directory, checked against `params`."""
-  if (Path(path) / "adapter_config.json").is_file():
-    from lora_jax import hf
-    adapters, config = hf.import_peft(path)
-    checkpoint.check_fits(adapters, nn.unbox(params), config)
-    return adapters, config
-  return checkpoint.load_adapter(path, target=params)
-
-
-def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = None,
-                  chat: bool = False, system: str | None = None, max_new_tokens: int = 200,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
-  """Continues `prompt` (or answers it, `chat`) with the base model, or base + adapter.
-
-  Args:
-    section: the base model.
-    prompt: the text to continue, or with `chat` the user's message.
-    adapter: a lora_jax adapter directory or a PEFT adapter directory.
-    chat: render `prompt` as a user turn (after `system`, if given) with the
-      tokenizer's chat template and return the assistant's reply.
-    system: a system message for `chat`.
-    max_new_tokens: at most this many tokens; decoding stops at the
-      tokenizer's end-of-sequence (and end-of-turn) ids.
-    temperature: 0 for greedy decoding, else the sampling temperature.
-    top_p: nucleus sampling's probability mass.
-    seed: the sampling seed.
-
-  Returns:
-    The new text (without the prompt), special tokens removed.
-  """
-  base_model = bases.resolve(section)
-  tokenizer = base_model.tokenizer()
-  ids = jnp.asarray(_prompt_ids(tokenizer, prompt, chat, system), jnp.int32)[None, :]
-  model, params, config = _load_sharded(base_model, adapter)
-  if config is not None:
-    model = inject(model, config)
-  elif base_model.quantize != "none":
-    model = quantized_model(model)
-  out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
-                 stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
-  return _reply(tokenizer, out[0, ids.shape[1]:])
-
-
-def _prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None, where: str = ""
-                ) -> np.ndarray:
-  """The ids generation starts from: the prompt after BOS, or with `chat` the rendered
-  conversation up to the assistant's turn. `where` prefixes errors."""
-  if chat:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
-    # The template writes its own BOS where the model expects one.
-    ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
-  else:
-    if system:
-      raise ValueError(f"{where}a system message needs chat (--chat)")
-    ids = tokenizer.encode(prompt, bos=True)
-  if not len(ids):
-    raise ValueError(f"{where}nothing to continue: the prompt is empty and the tokenizer adds "
-                     "no BOS; give a prompt")
-  return np.asarray(ids, np.int32).ravel()
-
-
-def _reply(tokenizer, new: Any) -> str:
-  """New ids as text, up to the first stop id, special tokens removed."""
-  new = np.asarray(new)
-  ends = np.flatnonzero(np.isin(new, tokenizer.stop_ids))
-  return tokenizer.decode(new[:ends[0]] if ends.size else new)
-
-
-def generate_batch(section: ModelSection, prompts: Sequence[Prompt], *,
-                   adapters: Mapping[str, str] | None = None, chat: bool = False,
-                   system: str | None = None, max_new_tokens: int = 200,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-  """Runs many prompts, each with its own adapter (or the base), as one batch.
-
-  The named adapters are stacked (`lora_jax.stack_adapters`) on the base and
-  every prompt, left-padded, runs with its adapter's id through one compiled
-  `generate`. Greedy, each reply is the one `generate_text` gives for that
-  prompt and adapter alone (up to float round-off in a near tie); sampled,
-  the rows draw from one rng.
-
-  Args:
-    section: the base model.
-    prompts: from `lora_jax.formats.read_prompts`; each names an adapter of
-      `adapters`, or None for the base.
-    adapters: name -> a lora_jax or PEFT adapter directory.
-    chat: each prompt is a user message (after its `system`, else `system`).
-    system: the system message of prompts that give none (with `chat`).
-    max_new_tokens, temperature, top_p, seed: as for `generate_text`.
-
-  Returns:
-    Each prompt's new text, in order.
-
-  Raises:
-    ValueError: naming the line, for a prompt naming an adapter not in
-      `adapters`, or an empty prompt; naming the adapter, for one that does
-      not fit the base or cannot be stacked.
-  """
-  adapters = dict(adapters or {})
-  if not prompts:
-    raise ValueError("no prompts to run")
-  for p in prompts:
-    if p.adapter is not None and p.adapter not in adapters:
-      raise ValueError(f"{p.source}: no adapter named {p.adapter!r}; the adapters are "
-                       f"{list(adapters) or 'none'} (null runs the base)")
-  base_model = bases.resolve(section)
-  tokenizer = base_model.tokenizer()
-  ids = [_prompt_ids(tokenizer, p.prompt, chat, system if p.system is None else p.system,
-                     f"{p.source}: ") for p in prompts]
-  width = max(map(len, ids))
-  prompt_ids = np.zeros((len(ids), width), np.int32)
-  mask = np.zeros((len(ids), width), np.int32)
-  for i, row in enumerate(ids):  # left-padded: every row's next token is at the end
-    prompt_ids[i, width - len(row):] = row
-    mask[i, width - len(row):] = 1
-  model, params, _ = _load_sharded(base_model, None)
-  kwargs = {}
-  if adapters:
-    loaded = {}
-    for name, path in adapters.items():
-      try:
-        loaded[name] = load_adapter(path, params)
-      except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"adapter {name!r}: {e}") from None
-    s = stack_adapters(model, loaded, jnp.zeros((1, 1), jnp.int32))
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    stacked = jax.device_put(s.params, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
-    model, params = inject(model, s.spec), combine(stacked, params)
-    kwargs["adapter_ids"] = s.ids([p.adapter for p in prompts])
-  elif base_model.quantize != "none":
-    model = quantized_model(model)
-  out = generate(model, params, prompt_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_p=top_p,
-                 rng=jax.random.key(seed) if temperature > 0 else None,
-                 stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size,
-                 model_kwargs=kwargs)
-  out = np.asarray(out)
-  return [_reply(tokenizer, row[width:]) for row in out]
-
-
-def merge_adapter(section: ModelSection, adapter: str, output: str, *, dtype: str | None = None
-                  ) -> Path:
-  """Base + adapter folded into a new model of the base's kind (a Hugging Face
-  checkpoint with its tokenizer files for Hugging Face bases)."""
-  if dtype is not None:
-    check_float_dtype(dtype, "--dtype")
-  base_model = bases.resolve(section)
-  _, params, config = _load_sharded(base_model, adapter)
-  return base_model.save(output, merge(params, config, dtype=dtype), dtype=dtype)
 
 
 def describe(cfg: RunConfig) -> dict[str, Any]:

@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, join_path
+from lora_jax.config import (ADAPTER_LEAVES, BASE_NAME, LoRAConfig, check_adapter_name,
+                             join_path)
 from lora_jax.layers import Recorded, recording_layouts
-from lora_jax.layout import Layout, find_layout
+from lora_jax.layout import Layout
 from lora_jax.mixed import BASE_ID, DORA, SCALE, StackSpec
-from lora_jax.tree import combine, leaf_paths, split
+from lora_jax.tree import leaf_paths, split
 
-BASE_NAME = "__base__"  # the name of "no adapter" in `AdapterStack.ids` (PEFT's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +139,6 @@ class AdapterStack(struct.PyTreeNode):
     return self.replace(params=params, members=members)
 
 
-def check_name(name: Any) -> str:
-  """`name`, if it is a non-empty string that can name a directory (no `/`, not
-  `.` or `..`) and not `'__base__'` (PEFT's name for the base model)."""
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"adapter name {name!r}: must be a non-empty string")
-  if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
-    raise ValueError(f"adapter name {name!r}: must not contain '/' (or '\\\\') or be '.' or "
-                     "'..' (each adapter is saved in a directory of its name)")
-  if name == BASE_NAME:
-    raise ValueError(f"adapter name {name!r} is reserved for the base model (no adapter)")
-  return name
-
-
 def _leaf(tree: Mapping, path: str) -> Any:
   for key in path.split("/"):
     tree = tree[key]
@@ -171,7 +158,7 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 
 def _member(name: Any, adapters: Any, config: Any) -> tuple[Member, dict[str, Any]]:
   """A member and its adapter leaves by path, checked."""
-  check_name(name)
+  check_adapter_name(name)
   if not isinstance(config, LoRAConfig):
     raise ValueError(f"adapter {name!r}: expected a LoRAConfig, got {type(config).__name__}")
   if not isinstance(adapters, Mapping):

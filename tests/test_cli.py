@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lora_jax import cli, run
+from lora_jax import cli, run, serve
 from lora_jax.recipe import ModelSection
 
 TINY = ["model.base=preset:tiny-byte", "data.train=builtin:devil", "data.seq_len=32",
@@ -35,9 +35,9 @@ def test_train_writes_adapter_and_merged_model_and_resumes(finished_run, capsys)
 
 def test_merged_model_generates_like_base_plus_adapter(finished_run):
   base = ModelSection(base="preset:tiny-byte")
-  with_adapter = run.generate_text(base, "ABSURDITY, n.", adapter=str(finished_run / "adapter"),
+  with_adapter = serve.generate_text(base, "ABSURDITY, n.", adapter=str(finished_run / "adapter"),
                                    max_new_tokens=16)
-  merged = run.generate_text(ModelSection(base=str(finished_run / "merged")), "ABSURDITY, n.",
+  merged = serve.generate_text(ModelSection(base=str(finished_run / "merged")), "ABSURDITY, n.",
                              max_new_tokens=16)
   assert with_adapter == merged
 

@@ -19,7 +19,7 @@ from cli_runner import lora_jax
 from tiny_hf import make_checkpoint
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, run
+from lora_jax import bases, checkpoint, serve
 from lora_jax.recipe import ModelSection
 
 ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",
@@ -160,8 +160,8 @@ def test_generate_never_yields_the_padded_vocabulary(ckpt, tmp_path):
   weights["lm_head.weight"][tok.vocab_size:] *= 1000.0
   save_file(weights, str(biased / "model.safetensors"), metadata={"format": "pt"})
   base = ModelSection(base=f"hf:{biased}")
-  text = run.generate_text(base, "ABSURDITY", max_new_tokens=6)
-  sampled = run.generate_text(base, "ABSURDITY", max_new_tokens=6, temperature=1.0, top_p=0.9)
+  text = serve.generate_text(base, "ABSURDITY", max_new_tokens=6)
+  sampled = serve.generate_text(base, "ABSURDITY", max_new_tokens=6, temperature=1.0, top_p=0.9)
   assert isinstance(text, str) and isinstance(sampled, str)  # decode refuses padded ids
 
 
@@ -226,10 +226,10 @@ def test_model_tokenizer_names_another_directory(ckpt, tmp_path):
   for name in ("config.json", "model.safetensors"):
     (weights_only / name).write_bytes((ckpt / name).read_bytes())
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-    run.generate_text(ModelSection(base=f"hf:{weights_only}"), QUESTION, max_new_tokens=4)
-  borrowed = run.generate_text(ModelSection(base=f"hf:{weights_only}", tokenizer=str(ckpt)),
+    serve.generate_text(ModelSection(base=f"hf:{weights_only}"), QUESTION, max_new_tokens=4)
+  borrowed = serve.generate_text(ModelSection(base=f"hf:{weights_only}", tokenizer=str(ckpt)),
                                QUESTION, chat=True, max_new_tokens=8)
-  assert borrowed == run.generate_text(ModelSection(base=f"hf:{ckpt}"), QUESTION, chat=True,
+  assert borrowed == serve.generate_text(ModelSection(base=f"hf:{ckpt}"), QUESTION, chat=True,
                                        max_new_tokens=8)
 
 

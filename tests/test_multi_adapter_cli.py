@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, cli, hf, run
+from lora_jax import bases, checkpoint, cli, hf, serve, stacked_run
 from lora_jax.formats import read_prompts
 from lora_jax.models.llama import Llama
 from lora_jax.recipe import ModelSection
@@ -104,10 +104,10 @@ def test_chat_prompts_take_their_own_system_message(adapters, tmp_path):
       {"prompt": "Define LAWYER.", "adapter": "a", "system": "Answer in verse."},
       {"prompt": "Define LAWYER.", "adapter": "a"}]))
   default = "Answer in prose."
-  replies = run.generate_batch(section, prompts, adapters={"a": str(adapters / "a")},
+  replies = serve.generate_batch(section, prompts, adapters={"a": str(adapters / "a")},
                                chat=True, system=default, max_new_tokens=6)
   for prompt, reply in zip(prompts, replies):
-    assert reply == run.generate_text(section, prompt.prompt, adapter=str(adapters / "a"),
+    assert reply == serve.generate_text(section, prompt.prompt, adapter=str(adapters / "a"),
                                       chat=True, system=prompt.system or default,
                                       max_new_tokens=6)
   assert replies[0] != replies[1]
@@ -295,11 +295,11 @@ def test_eval_data_is_split_by_adapter_too(data, tmp_path):
   cfg = recipe.load(None, [*COMMON, ADAPTERS, f"data.train={data / 'mixed.jsonl'}",
                            f"data.eval={held}"])
   tokenizer = data_lib.ByteTokenizer()
-  splits = run._adapter_datasets(cfg, tokenizer, ["a", "b"])
+  splits = stacked_run._adapter_datasets(cfg, tokenizer, ["a", "b"])
   for name, text in (("a", "LAWYER, n."), ("b", "ABSURDITY, n.")):
     alone = data_lib.pack([data_lib.tokenize(data_lib.Example("", text), tokenizer)], 32)
     for key, value in alone.items():
       np.testing.assert_array_equal(splits[name][1][key], value)
   write_jsonl(held, [{"text": "LAWYER, n.", "adapter": "a"}])
   with pytest.raises(ValueError, match=f"adapter 'b' has no rows in {held}"):
-    run._adapter_datasets(cfg, tokenizer, ["a", "b"])
+    stacked_run._adapter_datasets(cfg, tokenizer, ["a", "b"])

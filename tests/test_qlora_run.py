@@ -2,7 +2,6 @@
 by `lora-jax train model.quantize=nf4`, and the PEFT adapter on PyTorch's bitsandbytes NF4
 base giving lora_jax's logits; LoftQ starts; merge paths; what `info` reports; bad input."""
 
-import dataclasses
 import json
 import re
 
@@ -18,9 +17,9 @@ import tiny_hf
 from cli_runner import lora_jax
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, quantize as q, run, sharding
+from lora_jax import bases, checkpoint, quantize as q, serve, sharding
 from lora_jax.hf.llama import load_llama
-from lora_jax.recipe import ModelSection, RunConfig
+from lora_jax.recipe import ModelSection
 
 ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",
         "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=1",
@@ -138,7 +137,7 @@ def test_peft_on_a_bitsandbytes_nf4_base_gives_the_qlora_logits(ckpt, qlora):
   ids = ids_of(ckpt)
   base = bases.resolve(ModelSection(base=f"hf:{ckpt}", quantize="nf4"))
   model, params = base.load()
-  adapters, config = run.load_adapter(out / "adapter", params)
+  adapters, config = serve.load_adapter(out / "adapter", params)
   assert float(jnp.abs(jax.tree.leaves(adapters)[1]).max()) > 0
   ours = np.asarray(lj.inject(model, config).apply({"params": lj.combine(adapters, params)},
                                                    jnp.asarray(ids)))
@@ -175,7 +174,7 @@ def test_merge_quantize_block_takes_effect(ckpt, qlora, tmp_path):
   merged = {}
   for block in (32, 64):
     quantized = q.quantize_params(dense, "nf4", block=block)
-    adapters, config = run.load_adapter(out / "adapter", quantized)
+    adapters, config = serve.load_adapter(out / "adapter", quantized)
     merged[block] = lj.merge(lj.combine(adapters, quantized), config)
   from safetensors.numpy import load_file
   written = load_file(tmp_path / "m32" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
@@ -189,7 +188,7 @@ def test_requantizing_a_merge_reports_the_error_it_adds(ckpt, qlora):
   _, dense = base.load()
   for double in (False, True):
     quantized = q.quantize_params(dense, "nf4", double=double)
-    adapters, config = run.load_adapter(qlora[0] / "adapter", quantized)
+    adapters, config = serve.load_adapter(qlora[0] / "adapter", quantized)
     zero = jax.tree.map(jnp.zeros_like, adapters)
     # Zero adapters: the merge is the dequantized base, which requantizes to itself.
     again, errors = lj.requantize_like(lj.merge(lj.combine(zero, quantized), config), quantized)
