@@ -51,9 +51,13 @@ def _refuse_overwrite(path: epath.Path, overwrite: bool) -> None:
 
 
 def _abstract(metadata_tree: Any, shardings: Any) -> Any:
-  """Shape/dtype structs from checkpoint metadata, placed on `shardings` if given."""
+  """Shape/dtype structs from checkpoint metadata, placed on `shardings` if given, else
+  whole on this process's first device (never on the devices of the process that
+  wrote them, which this one may not have)."""
   if shardings is None:
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata_tree)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        metadata_tree)
   return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                       metadata_tree, shardings)
 
@@ -102,6 +106,8 @@ def load_adapter(directory, *, target: Mapping | None = None, shardings: Any = N
       check against `target`'s kernels; without it each is read from shapes.
     shardings: a tree of shardings for the adapters (e.g.
       `TrainStep.adapter_shardings`): each host reads only its shards.
+      Without it the adapters come whole onto this process's first device,
+      whatever devices wrote them.
 
   Returns:
     `(adapters, config)`; `lora_jax.combine(adapters, base)` gives full params.
@@ -162,7 +168,8 @@ def load_base(directory, *, shardings: Any = None) -> dict:
     directory: a `save_base` directory.
     shardings: a tree of shardings shaped like the params (for quantized
       kernels, `lora_jax.quantize.quantized_shardings`): each host reads only
-      its shards.
+      its shards. Without it the params come whole onto this process's first
+      device, whatever devices wrote them.
 
   Raises:
     FileNotFoundError: when `directory` holds no saved base.
@@ -174,7 +181,9 @@ def load_base(directory, *, shardings: Any = None) -> dict:
   formats = checkpointer.restore(path, args=ocp.args.Composite(
       formats=ocp.args.JsonRestore()))["formats"]
   metadata = checkpointer.metadata(path).item_metadata["params"].tree
-  struct_of = lambda m: None if m is None else jax.ShapeDtypeStruct(m.shape, m.dtype)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # as for adapters
+  struct_of = lambda m: None if m is None else jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                    sharding=here)
 
   def build(tree, prefix):
     if prefix in formats:

@@ -110,6 +110,39 @@ def test_adapter_loads_onto_a_mesh(tmp_path, params, llama):
     assert x.sharding == s
 
 
+_ONE_DEVICE_READER = """
+import sys
+import numpy as np
+from lora_jax import checkpoint
+adapters, _ = checkpoint.load_adapter(sys.argv[1])
+base = checkpoint.load_base(sys.argv[2])
+import jax
+print(len(jax.devices()), repr(sum(float(np.abs(np.asarray(x, np.float64)).sum())
+                                   for x in jax.tree.leaves((adapters, base)))))
+"""
+
+
+def test_what_eight_devices_wrote_loads_on_one(tmp_path, params, llama):
+  # A run's adapter (and base), sharded over a mesh of 8, read by a one-device process.
+  model = lj.inject(llama, CONFIG)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IDS)["params"]
+  ts = train.make_train_step(train.causal_lm_loss(model), optax.adam(1e-3),
+                             sharding.make_mesh(2, 2, 2), abstract, CONFIG)
+  adapters, _, base = ts.place(params)
+  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(base))
+  checkpoint.save_adapter(tmp_path / "a", adapters, CONFIG)
+  checkpoint.save_base(tmp_path / "base", base)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", _ONE_DEVICE_READER, str(tmp_path / "a"),
+                        str(tmp_path / "base")], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  devices, total = out.stdout.split()
+  expected = sum(float(np.abs(np.asarray(x, np.float64)).sum())
+                 for x in jax.tree.leaves((adapters, base)))
+  assert (int(devices), float(total)) == (1, expected)
+
+
 def test_merged_export_restores_into_the_plain_model(tmp_path, params, llama):
   checkpoint.export_merged(tmp_path / "merged", params, CONFIG)
   abstract = nn.unbox(jax.eval_shape(llama.init, jax.random.key(0), IDS)["params"])
