@@ -1,4 +1,11 @@
-"""A Llama-family decoder (Llama 2, 3, 3.1, 3.2) in plain Flax linen.
+"""The Llama architecture in plain Flax linen: Llama 2, 3, 3.1, 3.2, and the
+families built the same way, Mistral, Qwen 2 / 2.5 and Qwen 3.
+
+Mistral is Llama with sliding-window attention; Qwen 2 adds biases to the q, k
+and v projections; Qwen 3 normalizes each head of q and k (RMSNorm, before the
+rotary embedding). `LlamaConfig.model_type` names the family as transformers
+does, and its options (`attention_bias`, `qkv_bias`, `qk_norm`,
+`sliding_window`, `layer_types`) say what differs.
 
 The model knows nothing about LoRA: every linear layer is a plain `nn.Dense`
 (no bias) called through `__call__`, so adapters can be injected later by
@@ -15,6 +22,9 @@ names (`q_proj`, `down_proj`, ...) carry over:
     layers_{i}/mlp/down_proj/kernel           (intermediate, hidden)
     norm/scale                                (hidden,)
     lm_head/kernel                            (hidden, vocab), absent if tied
+
+plus `bias` beside the q/k/v (and o) kernels where the family has them, and
+`layers_{i}/self_attn/{q,k}_norm/scale` (head_dim,) for Qwen 3.
 
 Kernels are HF's `weight` transposed; RMSNorm's HF `weight` is called `scale`
 here (flax's name). With `scan_layers=True` the layers are one `nn.scan`ned
@@ -74,6 +84,10 @@ class RopeScaling:
     return cls(*value)
 
 
+# The families of this architecture, as transformers' `model_type` names them.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 # Remat policy names. 'none' (no remat) is also accepted.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -90,6 +104,12 @@ class LlamaConfig:
   what `RopeScaling.of` does; `dtype` is the compute dtype, `param_dtype` the
   storage one (strings such as "bfloat16" work). `remat` is 'none' or a key of
   `REMAT_POLICIES`.
+
+  The family's options: `attention_bias` (biases on q, k, v and o, as HF's
+  Llama and Qwen 3 configs mean it), `qkv_bias` (on q, k and v only: Qwen 2),
+  `qk_norm` (Qwen 3), `sliding_window` (a query sees itself and the
+  `sliding_window - 1` tokens before it) on the layers `layer_types` marks
+  'sliding_attention' (default: every layer, as Mistral).
   """
 
   vocab_size: int
@@ -104,6 +124,12 @@ class LlamaConfig:
   rope_scaling: RopeScaling | None = None
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
+  model_type: str = "llama"
+  attention_bias: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
   scan_layers: bool = False
   remat: str = "none"
   dtype: Any = jnp.float32
@@ -123,10 +149,39 @@ class LlamaConfig:
       raise ValueError("num_heads must be a multiple of num_kv_heads.")
     if self.remat != "none" and self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}.")
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"model_type={self.model_type!r}: this architecture serves "
+                       f"{', '.join(MODEL_TYPES)}")
+    window = self.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+      raise ValueError(f"sliding_window={window!r}: must be a positive integer or None")
+    if self.layer_types is not None:
+      put("layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+        raise ValueError(f"layer_types={list(self.layer_types)}: must give one of "
+                         f"{LAYER_TYPES} for each of the {self.num_layers} layers")
+      if "sliding_attention" in self.layer_types and window is None:
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+
+  def windows(self) -> tuple[int, ...] | None:
+    """Each layer's attention window (0: the whole causal context), or None when no
+    layer has one."""
+    if self.sliding_window is None:
+      return None
+    types = self.layer_types or ("sliding_attention",) * self.num_layers
+    windows = tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else None
 
 
 _LLAMA3 = dict(vocab_size=128256, num_heads=32, num_kv_heads=8, rope_theta=500_000.0,
                max_position_embeddings=131072)
+_MISTRAL = dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                num_kv_heads=8, max_position_embeddings=32768)
+_QWEN2 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6,
+              max_position_embeddings=32768)
+_QWEN3 = dict(model_type="qwen3", qk_norm=True, vocab_size=151936, head_dim=128,
+              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960)
 PRESETS = {
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                         num_layers=2, num_heads=4, num_kv_heads=2,
@@ -146,6 +201,21 @@ PRESETS = {
                                  **dict(_LLAMA3, num_heads=64)),
     "llama-2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                               num_layers=32, num_heads=32, num_kv_heads=32),
+    "mistral-7b": LlamaConfig(  # v0.1: every layer sees a 4096-token window
+        model_type="mistral", vocab_size=32000, sliding_window=4096, **_MISTRAL),
+    "mistral-7b-v0.3": LlamaConfig(model_type="mistral", vocab_size=32768, rope_theta=1e6,
+                                   **_MISTRAL),
+    "qwen2.5-0.5b": LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_layers=24, num_heads=14, num_kv_heads=2,
+                                tie_word_embeddings=True, **_QWEN2),
+    "qwen2.5-7b": LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_layers=28, num_heads=28, num_kv_heads=4, **_QWEN2),
+    "qwen3-0.6b": LlamaConfig(hidden_size=1024, intermediate_size=3072, num_layers=28,
+                              num_heads=16, num_kv_heads=8, tie_word_embeddings=True, **_QWEN3),
+    "qwen3-8b": LlamaConfig(hidden_size=4096, intermediate_size=12288, num_layers=36,
+                            num_heads=32, num_kv_heads=8, **_QWEN3),
+    "qwen3-32b": LlamaConfig(hidden_size=5120, intermediate_size=25600, num_layers=64,
+                             num_heads=64, num_kv_heads=8, **_QWEN3),
 }
 
 
@@ -226,9 +296,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range
 
 
-def _dense(config: LlamaConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                  kernel_init=nn.with_logical_partitioning(_INIT, axes), name=name)
+def _dense(config: LlamaConfig, features: int, axes: tuple[str, str], name: str,
+           bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=config.dtype, param_dtype=config.param_dtype,
+                  kernel_init=nn.with_logical_partitioning(_INIT, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                  name=name)
 
 
 class RMSNorm(nn.Module):
@@ -266,15 +339,19 @@ class LlamaAttention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, attention_mask, positions=None):
+  def __call__(self, x, attention_mask, positions=None, window=None):
     c = self.config
     b, length, _ = x.shape
-    q = _dense(c, c.num_heads * c.head_dim, ("embed", "heads"), "q_proj")(x)
-    k = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj")(x)
-    v = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")(x)
+    qkv_bias = c.attention_bias or c.qkv_bias
+    q = _dense(c, c.num_heads * c.head_dim, ("embed", "heads"), "q_proj", qkv_bias)(x)
+    k = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj", qkv_bias)(x)
+    v = _dense(c, c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj", qkv_bias)(x)
     q = q.reshape(b, length, c.num_heads, c.head_dim)
     k = k.reshape(b, length, c.num_kv_heads, c.head_dim)
     v = v.reshape(b, length, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:  # each head of q and k, before the rotary embedding
+      q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
     mask = attention_mask.astype(jnp.bool_)
     q_slots = k_slots = jnp.arange(length)
 
@@ -303,10 +380,12 @@ class LlamaAttention(nn.Module):
       k, v = ck.value, cv.value
 
     causal = k_slots[None, :] <= q_slots[:, None]
+    if window is not None:  # this layer's window; 0: the whole context
+      causal &= (window <= 0) | (q_slots[:, None] - k_slots[None, :] < window)
     allowed = mask[:, None, :] & causal[None, :, :]
     out = attention(q, k, v, allowed).reshape(b, length, c.num_heads * c.head_dim)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
-    return _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out)
+    return _dense(c, c.hidden_size, ("heads", "embed"), "o_proj", c.attention_bias)(out)
 
 
 class LlamaMLP(nn.Module):
@@ -330,11 +409,11 @@ class LlamaDecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, attention_mask, positions=None):
+  def __call__(self, x, attention_mask, positions=None, window=None):
     c = self.config
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
     attn = LlamaAttention(c, self.decode, name="self_attn")
-    x = x + attn(norm(name="input_layernorm")(x), attention_mask, positions)
+    x = x + attn(norm(name="input_layernorm")(x), attention_mask, positions, window)
     x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, None  # (carry, per-layer output), the shape nn.scan wants.
@@ -366,15 +445,18 @@ class Llama(nn.Module):
     if c.remat != "none":
       # CSE prevention is only needed outside scan's loop; inside it costs speed.
       layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    windows = c.windows()  # per layer: scanned with the layers' params
+    windows = () if windows is None else (jnp.asarray(windows, jnp.int32),)
     if c.scan_layers:
       layer = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = layer(c, decode, name="layers")(x, attention_mask, positions)
+                      in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(windows),
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = layer(c, decode, name="layers")(x, attention_mask, positions, *windows)
     else:
       for i in range(c.num_layers):
-        x, _ = layer(c, decode, name=f"layers_{i}")(x, attention_mask, positions)
+        x, _ = layer(c, decode, name=f"layers_{i}")(
+            x, attention_mask, positions, *(w[i] for w in windows))
 
     x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
     if c.tie_word_embeddings:

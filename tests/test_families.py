@@ -1,0 +1,221 @@
+"""Mistral, Qwen 2 and Qwen 3 (the Llama architecture's other families) against
+transformers and PEFT in PyTorch: logits, greedy generation, PEFT adapters out
+and in, merged checkpoints, saved configs, published sizes and bad configs."""
+
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import host_random
+import lora_jax as lj
+from lora_jax import hf
+from lora_jax.models.llama import Llama, LlamaConfig, config_for, generate, stack_layers
+
+IDS = np.random.default_rng(0).integers(0, 64, (2, 24))
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2)
+# Each exercises what the family adds: windows shorter than the sequence (on some layers
+# only, for Qwen), q/k/v biases, q/k norms, tied and untied heads, GQA.
+FAMILIES = {
+    "mistral": (transformers.MistralConfig, dict(sliding_window=5)),
+    "qwen2": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=4,
+                                             max_window_layers=1, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=12, tie_word_embeddings=False)),
+    "qwen3-window": (transformers.Qwen3Config, dict(
+        head_dim=8, use_sliding_window=True, sliding_window=6, attention_bias=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+ADAPTER = lj.LoRAConfig(rank=8, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "down_proj"), use_rslora=True)
+
+
+def torch_logits(model, ids=IDS, mask=None) -> np.ndarray:
+  with torch.no_grad():
+    mask = None if mask is None else torch.tensor(mask)
+    return model(torch.tensor(ids), attention_mask=mask).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """name -> (directory, the transformers model)."""
+  out = {}
+  for name, (cls, extra) in FAMILIES.items():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cls(**SMALL, **extra), attn_implementation="eager").eval()
+    with torch.no_grad():  # biases and norms off their zero/one init, so they count
+      for key, p in model.named_parameters():
+        if key.endswith("bias") or key.endswith("norm.weight"):
+          p.add_(0.3 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    out[name] = directory, model
+  return out
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+  return {name: hf.load_llama(directory) for name, (directory, _) in checkpoints.items()}
+
+
+def with_adapters(model, params, config=ADAPTER, seed=1):
+  lora_model = lj.inject(model, config)
+  full = lj.init_adapters(lora_model, params, jax.random.key(seed), jnp.asarray(IDS))
+  seeds = itertools.count(1000 * seed)
+  nudge = lambda kp, x: host_random.nudge(x, next(seeds), 0.05) if kp[-1].key == "lora_b" else x
+  return lora_model, jax.tree_util.tree_map_with_path(nudge, full)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_logits_equal_transformers(checkpoints, loaded, name):
+  _, torch_model = checkpoints[name]
+  model, params = loaded[name]
+  assert model.config.model_type == name.split("-")[0]
+  np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(IDS)),
+                             torch_logits(torch_model), atol=1e-4, rtol=0)
+  # Left padding: windows count cache slots, as transformers' masks do.
+  mask = np.ones(IDS.shape, np.int64)
+  mask[1, :7] = 0
+  logits = model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(logits)[1, 7:], torch_logits(torch_model, mask=mask)[1, 7:],
+                             atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3-window"])
+def test_scanned_layers_keep_each_layers_window(loaded, name):
+  model, params = loaded[name]
+  scanned = Llama(dataclasses.replace(model.config, scan_layers=True))
+  np.testing.assert_allclose(scanned.apply({"params": stack_layers(params)}, jnp.asarray(IDS)),
+                             model.apply({"params": params}, jnp.asarray(IDS)),
+                             atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_greedy_generate_equals_transformers(checkpoints, loaded, name):
+  _, torch_model = checkpoints[name]
+  model, params = loaded[name]
+  prompt = IDS[:, :6]
+  # Eight new tokens: past the window, so the cache's masking shows.
+  out = generate(model, params, jnp.asarray(prompt), max_new_tokens=8)
+  with torch.no_grad():
+    expected = torch_model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
+                                    pad_token_id=0).numpy()
+  np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_peft_export_loads_in_peft_with_the_same_logits(checkpoints, loaded, tmp_path, name):
+  directory, _ = checkpoints[name]
+  model, params = loaded[name]
+  lora_model, lora_params = with_adapters(model, params)
+  expected = np.asarray(lora_model.apply({"params": lora_params}, jnp.asarray(IDS)))
+  out = hf.export_peft(tmp_path / "peft", lora_params, ADAPTER, model_config=model.config,
+                       base_model_name_or_path=str(directory))
+  torch_base = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, attn_implementation="eager")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    peft_model = PeftModel.from_pretrained(torch_base, out).eval()
+  assert not [str(w.message) for w in caught if "key" in str(w.message).lower()]
+  np.testing.assert_allclose(torch_logits(peft_model), expected, atol=1e-4, rtol=0)
+
+  # ... and the merged checkpoint is a plain transformers model of the family.
+  merged = hf.export_merged_safetensors(tmp_path / "merged", lora_params, ADAPTER,
+                                        model_config=model.config)
+  assert json.loads((merged / "config.json").read_text())["model_type"] == name.split("-")[0]
+  plain = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager")
+  assert type(plain) is type(torch_base)
+  np.testing.assert_allclose(torch_logits(plain.eval()), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-window"])
+def test_peft_import_of_a_torch_adapter_gives_peft_logits(checkpoints, loaded, tmp_path, name):
+  directory, _ = checkpoints[name]
+  torch.manual_seed(1)
+  torch_base = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, attn_implementation="eager")
+  peft_model = get_peft_model(torch_base, LoraConfig(
+      r=4, lora_alpha=8, init_lora_weights=False, use_dora=name == "qwen2",
+      target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
+  peft_model.eval().save_pretrained(tmp_path / "peft")
+  adapters, config = hf.import_peft(tmp_path / "peft")
+  model, params = loaded[name]
+  _, frozen = lj.split(params, config)
+  logits = lj.inject(model, config).apply({"params": lj.combine(adapters, frozen)},
+                                          jnp.asarray(IDS))
+  np.testing.assert_allclose(logits, torch_logits(peft_model), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_saved_checkpoint_reloads_as_the_same_family(checkpoints, loaded, tmp_path, name):
+  _, torch_model = checkpoints[name]
+  model, params = loaded[name]
+  hf.save_llama(tmp_path / "saved", params, model.config)
+  again, again_params = hf.load_llama(tmp_path / "saved")
+  assert again.config == model.config
+  reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved",
+                                                             attn_implementation="eager")
+  assert type(reread) is type(torch_model)
+  layer_types = lambda m: getattr(m.config, "layer_types", None)  # Mistral's have none
+  assert layer_types(reread) == layer_types(torch_model)
+  np.testing.assert_allclose(torch_logits(reread.eval()), torch_logits(torch_model),
+                             atol=1e-5, rtol=0)
+
+
+# Each preset's size by eval_shape equals transformers' model of the published config
+# (counted on the meta device), which equals the published totals.
+@pytest.mark.parametrize("name, total", [
+    ("mistral-7b", 7_241_732_096),
+    ("mistral-7b-v0.3", 7_248_023_552),
+    ("qwen2.5-0.5b", 494_032_768),
+    ("qwen2.5-7b", 7_615_616_512),
+    ("qwen3-0.6b", 596_049_920),
+    ("qwen3-8b", 8_190_735_360),
+    ("qwen3-32b", 32_762_123_264),
+])
+def test_preset_param_counts_equal_published_totals(name, total):
+  config = config_for(name, scan_layers=True)
+  shapes = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == total
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ({"attention_bias": True}, "attention_bias"),  # Qwen 2's o_proj never has a bias
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"use_sliding_window": True, "sliding_window": 0}, "sliding_window=0"),
+    ({"use_sliding_window": True, "layer_types": ["sliding_attention"]}, "layer_types"),
+])
+def test_config_names_what_the_model_cannot_honour(checkpoints, tmp_path, change, message):
+  directory, _ = checkpoints["qwen2"]
+  target = tmp_path / "bad"
+  shutil.copytree(directory, target)
+  config = json.loads((target / "config.json").read_text())
+  (target / "config.json").write_text(json.dumps({**config, **change}))
+  with pytest.raises(ValueError, match=message):
+    hf.load_llama(target)
+
+
+def test_config_checks_its_options():
+  with pytest.raises(ValueError, match="model_type='gemma'"):
+    LlamaConfig(64, 32, 48, 2, 4, 2, model_type="gemma")
+  with pytest.raises(ValueError, match="sliding_window is None"):
+    LlamaConfig(64, 32, 48, 2, 4, 2, layer_types=("sliding_attention", "full_attention"))
+  with pytest.raises(ValueError, match="for each of the 2 layers"):
+    LlamaConfig(64, 32, 48, 2, 4, 2, sliding_window=4, layer_types=("full_attention",))
+  c = LlamaConfig(64, 32, 48, 2, 4, 2, sliding_window=4,
+                  layer_types=["full_attention", "sliding_attention"])
+  assert c.layer_types == ("full_attention", "sliding_attention") and c.windows() == (0, 4)
+  assert LlamaConfig(64, 32, 48, 2, 4, 2, sliding_window=4).windows() == (4, 4)
+  assert LlamaConfig(64, 32, 48, 2, 4, 2).windows() is None
