@@ -176,11 +176,21 @@ def _count_above(x: jax.Array, edges: np.ndarray) -> jax.Array:
   return sum((x > np.float32(e)).astype(jnp.uint8) for e in edges)
 
 
-def _double(absmax: jax.Array, table: tuple[np.ndarray, np.ndarray] | None = None
+def _double(absmax: jax.Array, table: tuple[np.ndarray, np.ndarray] | None = None,
+            whole: jax.sharding.NamedSharding | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """QLoRA's double quantization of `(..., nb, out)` absmax: uint8 codes, absmax2, offset."""
+  """QLoRA's double quantization of `(..., nb, out)` absmax: uint8 codes, absmax2, offset.
+
+  `whole`, for absmax sharded over devices, gathers the flat absmax (split along
+  its leading axes only) first: their mean is then summed in one order however
+  the kernel was sharded, so a sharded kernel's statistics equal an unsharded one's.
+  """
   _, lut = table or _dynamic_lut()
   flat = _column_major(absmax)                                   # (..., nb * out)
+  if whole is not None:
+    flat = jax.lax.with_sharding_constraint(flat, whole)
+  # Materialized before the mean, so no fusion with what made it changes the sum's order.
+  flat = jax.lax.optimization_barrier(flat)
   offset = flat.mean(axis=-1)
   x = flat - offset[..., None]
   n = x.shape[-1]
@@ -198,10 +208,11 @@ def _double(absmax: jax.Array, table: tuple[np.ndarray, np.ndarray] | None = Non
   return codes, absmax2, offset
 
 
-@functools.partial(jax.jit, static_argnames=("format", "block", "double"))
-def _quantize(w: jax.Array, format: str, block: int, double: bool  # noqa: A002
-              ) -> tuple[jax.Array, ...]:
-  """A kernel's `(codes, absmax, absmax2, offset)`, computed in float32 on its devices."""
+@functools.partial(jax.jit, static_argnames=("format", "block", "double", "whole"))
+def _quantize(w: jax.Array, format: str, block: int, double: bool,  # noqa: A002
+              whole: jax.sharding.NamedSharding | None = None) -> tuple[jax.Array, ...]:
+  """A kernel's `(codes, absmax, absmax2, offset)`, computed in float32 on its devices
+  (`whole`: as for `_double`)."""
   w = w.astype(jnp.float32)
   if format == "int8":
     absmax = jnp.abs(w).max(axis=-2, keepdims=True)
@@ -219,7 +230,7 @@ def _quantize(w: jax.Array, format: str, block: int, double: bool  # noqa: A002
     q = (jnp.clip(jnp.round(scaled * np.float32(7)), -7, 7) + 8).astype(jnp.uint8)
   codes = _pack(q.reshape(w.shape))
   if format == "nf4" and double:
-    return (codes, *_double(absmax))
+    return (codes, *_double(absmax, whole=whole))
   return codes, absmax, None, None
 
 
@@ -277,8 +288,8 @@ def quantize(kernel: Any, format: str = "nf4", *, block: int | None = None,  # n
 
 @functools.lru_cache(maxsize=None)
 def _sharded_quantizer(format: str, block: int, double: bool, out: tuple) -> Any:  # noqa: A002
-  return jax.jit(functools.partial(_quantize, format=format, block=block, double=double),
-                 out_shardings=out)
+  return jax.jit(functools.partial(_quantize, format=format, block=block, double=double,
+                                   whole=out[2]), out_shardings=out)
 
 
 def _absmax(q: QuantizedKernel) -> jax.Array:

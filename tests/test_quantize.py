@@ -47,11 +47,12 @@ def test_double_quantization_matches_bitsandbytes(shape):
   w = kernel(shape)
   packed, state = bnb_nf4(w, double=True)
   ours = q.quantize(w, "nf4")
-  # The 8-bit absmax codes are bit-equal; the mean (offset) is a float32 sum whose order
-  # torch chooses, so offset and absmax2 agree to an ulp.
+  # The 8-bit absmax codes are bit-equal; the mean (offset) is a float32 sum of thousands
+  # of values whose order torch chooses (by the CPU's vector width), so offset and absmax2
+  # agree to a few ulps.
   np.testing.assert_array_equal(np.asarray(ours.absmax), per_column(state.absmax, shape))
-  np.testing.assert_allclose(float(ours.offset), float(state.offset), rtol=2e-7)
-  np.testing.assert_allclose(np.asarray(ours.absmax2), state.state2.absmax.numpy(), rtol=2e-7)
+  np.testing.assert_allclose(float(ours.offset), float(state.offset), rtol=6e-7)
+  np.testing.assert_allclose(np.asarray(ours.absmax2), state.state2.absmax.numpy(), rtol=6e-7)
   theirs = bnb.dequantize_4bit(packed, state).numpy().T
   assert np.abs(np.asarray(ours.dequantize()) - theirs).max() <= 1e-6 * np.abs(w).max()
 
