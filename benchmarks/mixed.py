@@ -78,7 +78,7 @@ import optax  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 from lora_jax import sharding, train  # noqa: E402
-from lora_jax.models import llama as llama_lib  # noqa: E402
+from lora_jax.models import generation as generation_lib, llama as llama_lib  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 HERE = Path(__file__).resolve().parent
@@ -237,7 +237,7 @@ def generation(u: Setup) -> dict:
     outputs[name] = np.asarray(run())
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = llama_lib._generate.lower(*_generate_args(model, params, prompt, kwargs),
+    compiled = generation_lib._generate.lower(*_generate_args(model, params, prompt, kwargs),
                                          max_new_tokens=new, greedy=True).compile()
     lookup = time.perf_counter() - t0  # the jit call compiled it: a cache hit, not a compile
     step, step_args = decode_step(model, params, prompt.shape[0], s["prompt"] + new, kwargs)
@@ -431,7 +431,7 @@ def hot_swap(u: Setup) -> dict:
       model, params, prompt, max_new_tokens=s["new"],
       model_kwargs={"adapter_ids": ids}).block_until_ready()
   gen(lj.combine(st.params, base))  # compiled already by generation(); else here
-  before = llama_lib._generate._cache_size()
+  before = generation_lib._generate._cache_size()
   other = lj.LoRAConfig(rank=max(1, s["rank"] // 2), alpha=s["rank"],
                         targets=["q_proj", "v_proj", "down_proj"])
   narrow = adapter_shapes(lj.inject(llama, other), base, prompt)
@@ -450,8 +450,8 @@ def hot_swap(u: Setup) -> dict:
     t_gen = time.perf_counter() - t0
     rows.append(dict(slot=slot, name=name, rank=config.rank, targets=list(config.targets),
                      swap_s=t_swap, generate_s=t_gen,
-                     cache_size=llama_lib._generate._cache_size()))
-  after = llama_lib._generate._cache_size()
+                     cache_size=generation_lib._generate._cache_size()))
+  after = generation_lib._generate._cache_size()
   assert after == before, f"hot swap recompiled: jit cache {before} -> {after}"
   # The swapped-in adapter's rows continue as that adapter alone does (same config).
   slot = current.slot("new2")
@@ -463,7 +463,7 @@ def hot_swap(u: Setup) -> dict:
   params = lj.combine(current.params, base)
   jax.clear_caches()
   t0 = time.perf_counter()
-  lowered = llama_lib._generate.lower(*_generate_args(model, params, prompt,
+  lowered = generation_lib._generate.lower(*_generate_args(model, params, prompt,
                                                       {"adapter_ids": ids}),
                                       max_new_tokens=s["new"], greedy=True)
   t_lower = time.perf_counter() - t0

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.models import llama
+from lora_jax.models import generation
 from lora_jax.models.llama import (
     Llama, LlamaConfig, RopeScaling, config_for, generate, init_cache, rope_frequencies,
     stack_layers, unstack_layers)
@@ -339,12 +339,12 @@ def test_sampling_is_deterministic_for_a_fixed_rng(params, ids):
   sample = functools.partial(generate, model, params, ids[:, :3], max_new_tokens=8,
                              temperature=1.0)
   a = sample(rng=jax.random.key(3))
-  compiled = llama._generate._cache_size()
+  compiled = generation._generate._cache_size()
   np.testing.assert_array_equal(a, sample(rng=jax.random.key(3)))
   np.testing.assert_array_equal(a[:, :3], ids[:, :3])
   assert not np.array_equal(a, sample(rng=jax.random.key(4)))
   assert not np.array_equal(a, sample(rng=jax.random.key(3), temperature=2.0))
-  assert llama._generate._cache_size() == compiled  # new keys/temperatures: no recompile
+  assert generation._generate._cache_size() == compiled  # new keys/temperatures: no recompile
   with pytest.raises(ValueError, match="rng"):
     generate(model, params, ids, max_new_tokens=2, temperature=0.5)
 

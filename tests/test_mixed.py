@@ -211,12 +211,12 @@ def test_llama_mixed_generate_equals_each_row_alone():
 def test_generate_with_new_ids_reuses_the_compiled_program():
   llama, base, adapters, prompt, s = llama_stack(False)
   mixed = lj.inject(llama, s.spec)
-  from lora_jax.models import llama as llama_module
-  before = llama_module._generate._cache_size()
+  from lora_jax.models import generation
+  before = generation._generate._cache_size()
   for names in (["a", "b", "c", None], [None, "c", "c", "a"]):
     generate(mixed, lj.combine(s.params, base), prompt, max_new_tokens=2,
              model_kwargs={"adapter_ids": s.ids(names)})
-  assert llama_module._generate._cache_size() == before + 1
+  assert generation._generate._cache_size() == before + 1
 
 
 @functools.cache
@@ -292,14 +292,14 @@ def test_same_config_adapters_swap_in_the_plain_injected_model_without_recompili
   config = lj.LoRAConfig(rank=2, targets=["q_proj", "v_proj"])
   model = lj.inject(llama, config)
   forward = jax.jit(lambda params, ids: model.apply({"params": params}, ids))
-  from lora_jax.models import llama as llama_module
-  before = llama_module._generate._cache_size()
+  from lora_jax.models import generation
+  before = generation._generate._cache_size()
   outs = []
   for seed in (5, 6):
     params = lj.combine(_trained(llama, config, base, seed, prompt, noise=0.5)[0], base)
     outs.append(forward(params, prompt))
     generate(model, params, prompt, max_new_tokens=2)
-  assert forward._cache_size() == 1 and llama_module._generate._cache_size() == before + 1
+  assert forward._cache_size() == 1 and generation._generate._cache_size() == before + 1
   assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3
 
 
