@@ -21,10 +21,12 @@ layer of the `tiny` preset), rank-16 adapters (alpha 32) on every linear layer
    From each compiled program's HLO: the per-example copies of the adapters
    that `jnp.take` makes (gathers, or broadcasts for one adapter), inside the
    decode loop's body or outside it, and their bytes.
-2. **The layer.** Two ways to give each example of a batch sorted by adapter
+2. **The layer.** Three ways to give each example of a batch sorted by adapter
    its own adapter in a Dense layer (the model's gate_proj, 512 -> 1408, rank
-   16): `gather`, what lora_jax does (`jnp.take` of A and B per example, then
-   batched einsums), and `grouped` (`jax.lax.ragged_dot` over the sorted
+   16): `weighed`, what lora_jax does (every example through all K A's at
+   once, weighed by a one-hot of its id, then all K B's at once: no copies),
+   `gather` (`jnp.take` of A and B per example, then batched einsums: what
+   lora_jax did before) and `grouped` (`jax.lax.ragged_dot` over the sorted
    tokens with each adapter's group size), for K = 1..16 and 16 examples of
    1, 16 and 64 tokens; with the base matmul and one adapter's `x @ A @ B`
    for scale. Wall time and XLA's FLOPs. These are CPU figures: XLA:CPU and
@@ -305,7 +307,11 @@ def layer(u: Setup) -> dict:
   kernel = normal(d_in, d_out)
   A, B = normal(max(s["layer_ks"]), d_in, r), normal(max(s["layer_ks"]), r, d_out)
 
-  def gather(x, a, b, ids):  # lora_jax.mixed: each example's A and B, batched einsums
+  def weighed(x, a, b, ids):  # lora_jax.mixed: all K adapters at once, one-hot weights
+    h = jnp.einsum("eti,kir->etkr", x, a) * jax.nn.one_hot(ids, a.shape[0])[:, None, :, None]
+    return jnp.einsum("etkr,kro->eto", h, b)
+
+  def gather(x, a, b, ids):  # per-example copies of each example's A and B, batched einsums
     h = jnp.einsum("eti,eir->etr", x, jnp.take(a, ids, axis=0))
     return jnp.einsum("etr,ero->eto", h, jnp.take(b, ids, axis=0))
 
@@ -332,12 +338,16 @@ def layer(u: Setup) -> dict:
       sizes = jnp.asarray(np.bincount(ids, minlength=k) * t, jnp.int32)
       a, b = A[:k], B[:k]
       g = jax.jit(gather).lower(x, a, b, jnp.asarray(ids)).compile()
+      w = jax.jit(weighed).lower(x, a, b, jnp.asarray(ids)).compile()
       q = jax.jit(grouped).lower(x, a, b, sizes).compile()
       ga, qa = (x, a, b, jnp.asarray(ids)), (x, a, b, sizes)
-      max_err = max(max_err, float(jnp.max(jnp.abs(g(*ga) - q(*qa)))))
+      max_err = max(max_err, float(jnp.max(jnp.abs(g(*ga) - q(*qa)))),
+                    float(jnp.max(jnp.abs(w(*ga) - q(*qa)))))
       calls[f"gather/K={k}"] = lambda c=g, a=ga: c(*a).block_until_ready()
+      calls[f"weighed/K={k}"] = lambda c=w, a=ga: c(*a).block_until_ready()
       calls[f"grouped/K={k}"] = lambda c=q, a=qa: c(*a).block_until_ready()
       figures[f"gather/K={k}"], figures[f"grouped/K={k}"] = _cost(g), _cost(q)
+      figures[f"weighed/K={k}"] = _cost(w)
     times = interleaved(calls, s["layer_reps"])
     row = dict(tokens=examples * t, tokens_per_example=t, max_abs_diff=max_err,
                base_ms=1e3 * statistics.median(times["base"]),
@@ -345,10 +355,12 @@ def layer(u: Setup) -> dict:
                base_flops=figures["base"]["flops"], single_flops=figures["single"]["flops"],
                by_k={})
     for k in s["layer_ks"]:
-      gt, qt = times[f"gather/K={k}"], times[f"grouped/K={k}"]
+      gt, qt, wt = times[f"gather/K={k}"], times[f"grouped/K={k}"], times[f"weighed/K={k}"]
       row["by_k"][str(k)] = dict(
           gather_ms=1e3 * statistics.median(gt), grouped_ms=1e3 * statistics.median(qt),
-          grouped_over_gather=_paired(qt, gt),
+          weighed_ms=1e3 * statistics.median(wt), grouped_over_gather=_paired(qt, gt),
+          weighed_over_gather=_paired(wt, gt),
+          weighed_flops=figures[f"weighed/K={k}"]["flops"],
           gather_flops=figures[f"gather/K={k}"]["flops"],
           grouped_flops=figures[f"grouped/K={k}"]["flops"],
           gather_bytes_accessed=figures[f"gather/K={k}"]["bytes_accessed"],
@@ -537,14 +549,19 @@ def markdown(r: dict) -> str:
         f"({_mib(ga['outside_bytes'] + ga['in_loop_bytes'])}) |")
   L = r["layer"]
   lines += ["", f"## Layer: {L['d_in']} -> {L['d_out']}, rank {L['rank']}, {L['examples']} "
-            "examples sorted by adapter; gather (lora_jax) vs grouped (`ragged_dot`)", "",
-            "| tokens | K | gather ms | grouped ms | grouped / gather | gather MFLOP "
-            "| grouped MFLOP | base matmul ms | one adapter ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "examples sorted by adapter; weighed (lora_jax), gather (per-example copies), "
+            "grouped (`ragged_dot`)", "",
+            "| tokens | K | weighed ms | gather ms | grouped ms | weighed / gather "
+            "| grouped / gather | weighed MFLOP | gather MFLOP | grouped MFLOP "
+            "| base matmul ms | one adapter ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in L["rows"]:
     for k, v in row["by_k"].items():
-      lines.append(f"| {row['tokens']} | {k} | {v['gather_ms']:.3f} | {v['grouped_ms']:.3f} "
-                   f"| {v['grouped_over_gather']:.2f} | {v['gather_flops'] / 1e6:.1f} "
+      weighed = ((f"{v['weighed_ms']:.3f}", f"{v['weighed_over_gather']:.2f}",
+                  f"{v['weighed_flops'] / 1e6:.1f}") if "weighed_ms" in v else ("",) * 3)
+      lines.append(f"| {row['tokens']} | {k} | {weighed[0]} | {v['gather_ms']:.3f} "
+                   f"| {v['grouped_ms']:.3f} | {weighed[1]} | {v['grouped_over_gather']:.2f} "
+                   f"| {weighed[2]} | {v['gather_flops'] / 1e6:.1f} "
                    f"| {v['grouped_flops'] / 1e6:.1f} | {row['base_ms']:.3f} "
                    f"| {row['single_ms']:.3f} |")
   t = r["training"]

@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lora_jax import data, sharding
-from lora_jax.models.llama import Llama, LlamaConfig, config_for
+from lora_jax import data, models, sharding
 from lora_jax.quantize import quantize_params
 
 ASSETS = resources.files("lora_jax") / "assets"
@@ -54,7 +53,8 @@ class Base:
     kind: 'model' (a lora_jax model directory), 'hf' (a Hugging Face
       checkpoint) or 'preset'.
     path: the directory (None for presets).
-    config: the architecture with the run options (scan, remat, dtypes).
+    config: the architecture (a `LlamaConfig` or `GemmaConfig`) with the run
+      options (scan, remat, dtypes).
     tokenizer_dir: where a Hugging Face tokenizer is read from (None: bytes).
     quantize: 'none', or the format its linear kernels load in ('nf4', ...).
     quantize_block: the quantization block (None: the format's default).
@@ -63,7 +63,7 @@ class Base:
   spec: str
   kind: str
   path: Path | None
-  config: LlamaConfig
+  config: Any
   tokenizer_dir: Path | None
   quantize: str = "none"
   quantize_block: int | None = None
@@ -102,7 +102,11 @@ class Base:
              if self.tokenizer_dir is None else ""))
     return tok
 
-  def load(self, mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, Any]:
+  def model(self) -> nn.Module:
+    """The plain model (no weights)."""
+    return models.model_for(self.config)
+
+  def load(self, mesh: jax.sharding.Mesh | None = None) -> tuple[nn.Module, Any]:
     """The plain model and its params, placed on `mesh` (sharded by logical axes) if given,
     its linear kernels quantized as `quantize` asks (a Hugging Face checkpoint's as they
     are read; other bases' once loaded)."""
@@ -127,8 +131,8 @@ class Base:
     return jax.eval_shape(functools.partial(quantize_params, format=self.quantize,
                                             block=self.quantize_block), boxed)
 
-  def _load_float(self, mesh: jax.sharding.Mesh | None) -> tuple[Llama, Any]:
-    model = Llama(self.config)
+  def _load_float(self, mesh: jax.sharding.Mesh | None) -> tuple[nn.Module, Any]:
+    model = self.model()
     sample = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
     shardings = None if mesh is None else sharding.param_shardings(boxed, mesh)
@@ -181,8 +185,8 @@ def resolve(section: Any) -> Base:
   spec = section.base
   tokenizer = Path(section.tokenizer).expanduser().resolve() if section.tokenizer else None
   if spec.startswith("preset:"):
-    return Base(spec, "preset", None, config_for(spec.split(":", 1)[1], **options), tokenizer,
-                **quantized)
+    return Base(spec, "preset", None, models.config_for(spec.split(":", 1)[1], **options),
+                tokenizer, **quantized)
   if spec.startswith("builtin:"):
     path = Path(str(ASSETS / spec.split(":", 1)[1]))
     if not (path / "model.json").is_file():
@@ -194,25 +198,29 @@ def resolve(section: Any) -> Base:
       what = "a Hugging Face checkpoint" if spec.startswith("hf:") else "a model directory"
       raise FileNotFoundError(f"{path} is not {what} (no config.json"
                               + ("" if spec.startswith("hf:") else " or model.json") + ")")
-    from lora_jax.hf.llama import llama_config, read_config
-    config = llama_config(read_config(path), **options)
+    from lora_jax.hf.llama import model_config, read_config
+    config = model_config(read_config(path), **options)
     return Base(spec, "hf", path, config, tokenizer or path, **quantized)
-  described = json.loads((path / "model.json").read_text())["llama"]
-  return Base(spec, "model", path, LlamaConfig(**{**described, **options}), tokenizer,
-              **quantized)
+  described = json.loads((path / "model.json").read_text())
+  found = [a for a in models.CLASSES if a in described]
+  if len(found) != 1:
+    raise ValueError(f"{path / 'model.json'} names no one architecture of "
+                     f"{', '.join(models.CLASSES)}")
+  config_class = models.CLASSES[found[0]][0]
+  return Base(spec, "model", path, config_class(**{**described[found[0]], **options}),
+              tokenizer, **quantized)
 
 
-def save_model(directory, config: LlamaConfig, params, *, overwrite: bool = False) -> Path:
+def save_model(directory, config: Any, params, *, overwrite: bool = False) -> Path:
   """Writes a lora_jax model directory: `model.json` and the params (layers unstacked or not)."""
   path = Path(directory).resolve()
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty: refusing to overwrite it")
   path.mkdir(parents=True, exist_ok=True)
   arch = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_OPTIONS}
-  if arch.get("rope_scaling") is not None:
-    arch["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
   (path / "model.json").write_text(json.dumps(
-      {"llama": arch, "scan_layers": config.scan_layers, "tokenizer": "byte"}, indent=2))
+      {models.architecture_of(config): arch, "scan_layers": config.scan_layers,
+       "tokenizer": "byte"}, indent=2))
   checkpointer = ocp.StandardCheckpointer()
   if (path / "params").exists():
     shutil.rmtree(path / "params")

@@ -33,7 +33,6 @@ from lora_jax import bases, checkpoint, data, distributed, sharding, train
 from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.loftq import loftq_params
-from lora_jax.models.llama import Llama
 from lora_jax.optim import optimizer
 from lora_jax.recipe import RunConfig
 from lora_jax.quantize import dequantize_params, footprint
@@ -142,7 +141,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
   train_rows, eval_rows = _datasets(cfg, tokenizer)
 
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
-  llama = Llama(base_model.config)
+  llama = base_model.model()
   config = LoRAConfig(trainable=(".*",)) if full else cfg.lora
   model = llama if full else inject(llama, config)
   abstract = base_model.abstract_params(model, sample)
@@ -333,7 +332,7 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
   """Model size, trainable count, the layers the config adapts and the frozen base's
   stored bytes beside its bfloat16 bytes (no weights loaded)."""
   base_model = bases.resolve(cfg.model)
-  llama = Llama(base_model.config)
+  llama = base_model.model()
   sample = jnp.zeros((1, 8), jnp.int32)
   abstract = nn.unbox(base_model.abstract_params(inject(llama, cfg.lora), sample))
   n = count(abstract, cfg.lora)

@@ -22,7 +22,7 @@ from lora_jax import bases, checkpoint, sharding
 from lora_jax.config import LoRAConfig
 from lora_jax.formats import Prompt
 from lora_jax.inject import inject, quantized_model
-from lora_jax.models.llama import Llama, generate
+from lora_jax.models.generation import generate
 from lora_jax.recipe import ModelSection, check_float_dtype
 from lora_jax.stack import stack_adapters
 from lora_jax.tree import combine, merge
@@ -34,7 +34,7 @@ def _load_sharded(base_model: bases.Base, adapter: str | None) -> tuple[Any, ...
   base whose blocks would straddle that many shards takes the largest fsdp size they fit
   (the other devices hold copies)."""
   n = jax.device_count()
-  abstract = base_model.abstract_params(Llama(base_model.config), jnp.zeros((1, 1), jnp.int32))
+  abstract = base_model.abstract_params(base_model.model(), jnp.zeros((1, 1), jnp.int32))
   for fsdp in (d for d in range(n, 0, -1) if n % d == 0):
     mesh = sharding.make_mesh(n // fsdp, fsdp, 1)
     try:

@@ -24,7 +24,6 @@ from lora_jax import bases, checkpoint, data, distributed, train
 from lora_jax.adapter_set import INDEX
 from lora_jax.inject import init_adapters, inject
 from lora_jax.mixed import DORA, SCALE
-from lora_jax.models.llama import Llama
 from lora_jax.recipe import RunConfig
 from lora_jax.run import (_check_run_dir, _eval_fn, _evaluator, _hold_out, _optimizer,
                           _train_loop, corpus_paths)
@@ -60,7 +59,7 @@ def train_adapters(cfg: RunConfig, base_model: bases.Base, tokenizer, mesh, prog
   k = len(names)
   datasets = _adapter_datasets(cfg, tokenizer, names)
   sample = jnp.zeros((t.batch_size, cfg.data.seq_len), jnp.int32)
-  llama = Llama(base_model.config)
+  llama = base_model.model()
   out = Path(cfg.output_dir).resolve()
   _check_run_dir(out, cfg)
   _, base_params = base_model.load(mesh)

@@ -1,6 +1,7 @@
-"""Mistral, Qwen 2 and Qwen 3 (the Llama architecture's other families) against
-transformers and PEFT in PyTorch: logits, greedy generation, PEFT adapters out
-and in, merged checkpoints, saved configs, published sizes and bad configs."""
+"""Mistral, Qwen 2, Qwen 3 (the Llama architecture's other families), Gemma 2 and
+Gemma 3 against transformers and PEFT in PyTorch: logits, greedy generation,
+PEFT adapters out and in, merged checkpoints, saved configs, published sizes
+and bad configs."""
 
 import dataclasses
 import itertools
@@ -20,7 +21,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import host_random
 import lora_jax as lj
 from lora_jax import hf
-from lora_jax.models.llama import Llama, LlamaConfig, config_for, generate, stack_layers
+from lora_jax.models import config_for, model_for
+from lora_jax.models.generation import generate
+from lora_jax.models.llama import LlamaConfig, stack_layers
 
 IDS = np.random.default_rng(0).integers(0, 64, (2, 24))
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -35,6 +38,16 @@ FAMILIES = {
     "qwen3-window": (transformers.Qwen3Config, dict(
         head_dim=8, use_sliding_window=True, sliding_window=6, attention_bias=True,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Soft-caps low enough to bite, a query scale apart from head_dim's.
+    "gemma2": (transformers.Gemma2Config, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=0.005,
+        final_logit_softcapping=0.05)),
+    # Local layers at their own rotary base, global ones scaled linearly; untied.
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=4, rope_theta=50.0,
+        rope_local_base_freq=10.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
 }
 ADAPTER = lj.LoRAConfig(rank=8, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                       "down_proj"), use_rslora=True)
@@ -92,16 +105,16 @@ def test_logits_equal_transformers(checkpoints, loaded, name):
                              atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen3-window"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3-window", "gemma3_text"])
 def test_scanned_layers_keep_each_layers_window(loaded, name):
   model, params = loaded[name]
-  scanned = Llama(dataclasses.replace(model.config, scan_layers=True))
+  scanned = model_for(dataclasses.replace(model.config, scan_layers=True))
   np.testing.assert_allclose(scanned.apply({"params": stack_layers(params)}, jnp.asarray(IDS)),
                              model.apply({"params": params}, jnp.asarray(IDS)),
                              atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3_text"])
 def test_greedy_generate_equals_transformers(checkpoints, loaded, name):
   _, torch_model = checkpoints[name]
   model, params = loaded[name]
@@ -139,7 +152,7 @@ def test_peft_export_loads_in_peft_with_the_same_logits(checkpoints, loaded, tmp
   np.testing.assert_allclose(torch_logits(plain.eval()), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3-window"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-window", "gemma2", "gemma3_text"])
 def test_peft_import_of_a_torch_adapter_gives_peft_logits(checkpoints, loaded, tmp_path, name):
   directory, _ = checkpoints[name]
   torch.manual_seed(1)
@@ -183,10 +196,19 @@ def test_saved_checkpoint_reloads_as_the_same_family(checkpoints, loaded, tmp_pa
     ("qwen3-0.6b", 596_049_920),
     ("qwen3-8b", 8_190_735_360),
     ("qwen3-32b", 32_762_123_264),
+    ("gemma-2-2b", 2_614_341_888),
+    ("gemma-2-9b", 9_241_705_984),
+    ("gemma-2-27b", 27_227_128_320),
+    ("gemma-3-1b", 999_885_952),
+    # Gemma 3 4B and larger: the language model (Gemma3ForCausalLM); the published
+    # totals add the SigLIP vision encoder.
+    ("gemma-3-4b", 3_880_263_168),
+    ("gemma-3-12b", 11_766_034_176),
+    ("gemma-3-27b", 27_009_346_304),
 ])
 def test_preset_param_counts_equal_published_totals(name, total):
   config = config_for(name, scan_layers=True)
-  shapes = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  shapes = jax.eval_shape(model_for(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == total
 
 

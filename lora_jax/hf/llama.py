@@ -1,9 +1,11 @@
-"""transformers checkpoints of the Llama architecture in and out (Llama, Mistral,
-Qwen 2 / 2.5, Qwen 3), and the names both sides use.
+"""transformers checkpoints in and out, and the names both sides use: the Llama
+architecture's families (Llama, Mistral, Qwen 2 / 2.5, Qwen 3; their configs
+here) and Gemma 2 / 3 (their configs in `lora_jax.hf.gemma`).
 
-The reference Llama (`lora_jax.models.llama`) names its modules as
-transformers' `LlamaForCausalLM` (and `MistralForCausalLM`,
-`Qwen2ForCausalLM`, `Qwen3ForCausalLM`) does, so names translate one to one:
+The reference models (`lora_jax.models`) name their modules as transformers'
+`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+`Qwen3ForCausalLM`, `Gemma2ForCausalLM` and `Gemma3ForCausalLM` do, so names
+translate one to one:
 
     layers_3/self_attn/q_proj (kernel)   <->  model.layers.3.self_attn.q_proj.weight
     embed_tokens (embedding)             <->  model.embed_tokens.weight
@@ -18,7 +20,8 @@ checkpoints (already permuted for it when converted from Meta's) need no
 re-permutation.
 
 * `load_llama`: `config.json` + `model.safetensors` (or a sharded index) into
-  `Llama`, each tensor read straight into its shards when a mesh is given.
+  the family's model (`Llama` or `Gemma`, by `model_type`), each tensor read
+  straight into its shards when a mesh is given.
 * `save_llama` / `export_merged_safetensors`: a checkpoint transformers loads.
 
 Only safetensors are read: pickled `pytorch_model.bin` files would need torch.
@@ -46,7 +49,11 @@ from safetensors.numpy import save_file
 
 from lora_jax import sharding
 from lora_jax.config import LoRAConfig
-from lora_jax.models.llama import Llama, LlamaConfig, unstack_layers
+from lora_jax.hf.gemma import gemma_config, gemma_hf_config
+from lora_jax.models import model_for
+from lora_jax.models.gemma import MODEL_TYPES as GEMMA_TYPES
+from lora_jax.models.gemma import GemmaConfig
+from lora_jax.models.llama import LlamaConfig, unstack_layers
 from lora_jax.quantize import quantize as quantize_kernel
 from lora_jax.quantize import quantized_sharding, selector, stack
 from lora_jax.tree import merge
@@ -57,6 +64,7 @@ _HF_LAYER = re.compile(r"(?<![^.])layers\.(\d+)(?=\.|$)")
 _HF_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _LLAMA_MODULE = re.compile(
     r"embed_tokens|norm|lm_head|layers_\d+/(input_layernorm|post_attention_layernorm"
+    r"|pre_feedforward_layernorm|post_feedforward_layernorm"
     r"|self_attn/[qkvo]_proj|self_attn/[qk]_norm|mlp/(gate|up|down)_proj)")
 # transformers' class of each family (`model_type`) of the architecture.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -136,6 +144,19 @@ def read_config(directory) -> dict[str, Any]:
   return hf
 
 
+def model_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig | GemmaConfig:
+  """The model config of a checkpoint of any supported family, by its `model_type`:
+  `llama_config` or `gemma_config`."""
+  kind = hf.get("model_type", "llama")
+  if kind in GEMMA_TYPES:
+    return gemma_config(hf, **overrides)
+  if kind not in ARCHITECTURES:
+    raise ValueError(f"config.json has model_type {kind!r} "
+                     f"({', '.join(hf.get('architectures') or []) or 'no architectures'}); "
+                     f"lora_jax loads {', '.join((*ARCHITECTURES, *GEMMA_TYPES))}")
+  return llama_config(hf, **overrides)
+
+
 def llama_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
   """A `LlamaConfig` from transformers' `config.json` contents.
 
@@ -197,8 +218,10 @@ def llama_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     raise ValueError(f"config.json: {e}") from None
 
 
-def hf_config(config: LlamaConfig, dtype: Any) -> dict[str, Any]:
-  """transformers' `config.json` for a `LlamaConfig`, weights stored in `dtype`."""
+def hf_config(config: LlamaConfig | GemmaConfig, dtype: Any) -> dict[str, Any]:
+  """transformers' `config.json` for a model config, weights stored in `dtype`."""
+  if isinstance(config, GemmaConfig):
+    return gemma_hf_config(config, dtype)
   c = config
   rope = None
   if c.rope_scaling is not None:
@@ -282,10 +305,10 @@ def _reader(tensors: _Tensors, path: str, shape: tuple[int, ...], stacked: bool
                                  for i in range(shape[0])[index[0]]])
 
 
-def _abstract_params(config: LlamaConfig) -> Any:
-  """The boxed abstract params of `Llama(config)` (shapes and logical axis names only)."""
+def _abstract_params(config: Any) -> Any:
+  """The boxed abstract params of the config's model (shapes and logical axis names only)."""
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(Llama(config).init, jax.random.key(0), ids)["params"]
+  return jax.eval_shape(model_for(config).init, jax.random.key(0), ids)["params"]
 
 
 def _expected(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -315,8 +338,9 @@ def _check_tensors(where: str, shapes: Mapping[str, tuple[int, ...]], config: Ll
 
 def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
                rules: Any = None, quantize: str | None = None, quantize_block: int | None = None,
-               **overrides: Any) -> tuple[Llama, dict]:
-  """Reads a transformers Llama checkpoint into the reference `Llama`.
+               **overrides: Any) -> tuple[nn.Module, dict]:
+  """Reads a transformers checkpoint of any supported family into its reference model
+  (`Llama` for Llama, Mistral and Qwen; `Gemma` for Gemma 2 and 3).
 
   Args:
     directory: holds `config.json` and `model.safetensors` or
@@ -346,9 +370,9 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
       tensor, or a tensor whose shape disagrees with `config.json`.
   """
   directory = Path(directory)
-  config = llama_config(read_config(directory),
+  config = model_config(read_config(directory),
                         **{"dtype": dtype, "param_dtype": dtype, **overrides})
-  model = Llama(config)
+  model = model_for(config)
   boxed = _abstract_params(config)
   abstract = nn.unbox(boxed)
   tensors = _Tensors(directory)

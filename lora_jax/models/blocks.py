@@ -59,6 +59,37 @@ REMAT_POLICIES = {
 }
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' `layer_types`
+
+
+def check_windows(sliding_window: Any, layer_types: Any, num_layers: int
+                  ) -> tuple[str, ...] | None:
+  """`layer_types` as a tuple, checked with `sliding_window` (raises `ValueError`)."""
+  if sliding_window is not None and (isinstance(sliding_window, bool)
+                                     or not isinstance(sliding_window, int) or sliding_window < 1):
+    raise ValueError(f"sliding_window={sliding_window!r}: must be a positive integer or None")
+  if layer_types is None:
+    return None
+  layer_types = tuple(layer_types)
+  if len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
+    raise ValueError(f"layer_types={list(layer_types)}: must give one of {LAYER_TYPES} for "
+                     f"each of the {num_layers} layers")
+  if "sliding_attention" in layer_types and sliding_window is None:
+    raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+  return layer_types
+
+
+def layer_windows(sliding_window: int | None, layer_types: tuple[str, ...] | None,
+                  num_layers: int) -> tuple[int, ...] | None:
+  """Each layer's attention window (0: the whole causal context; without `layer_types`
+  every layer slides), or None when no layer has one."""
+  if sliding_window is None:
+    return None
+  types = layer_types or ("sliding_attention",) * num_layers
+  windows = tuple(sliding_window if t == "sliding_attention" else 0 for t in types)
+  return windows if any(windows) else None
+
+
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
                         linear_factor: float = 1.0) -> np.ndarray:
   """Rotary inverse frequencies, float32 (head_dim // 2,), as HF computes them.

@@ -60,14 +60,13 @@ import numpy as np
 
 # The shared blocks and generation, importable from here as they always were.
 from lora_jax.models.blocks import (  # noqa: F401
-    INIT, REMAT_POLICIES, Attention, GatedMLP, RMSNorm, RopeScaling, apply_rope, attention,
-    dense, init_cache, inverse_frequencies, norm, positions_from_mask, run_layers, stack_layers,
-    unstack_layers)
+    INIT, LAYER_TYPES, REMAT_POLICIES, Attention, GatedMLP, RMSNorm, RopeScaling, apply_rope,
+    attention, check_windows, dense, init_cache, inverse_frequencies, layer_windows, norm,
+    positions_from_mask, run_layers, stack_layers, unstack_layers)
 from lora_jax.models.generation import generate  # noqa: F401
 
 # The families of this architecture, as transformers' `model_type` names them.
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -125,26 +124,12 @@ class LlamaConfig:
     if self.model_type not in MODEL_TYPES:
       raise ValueError(f"model_type={self.model_type!r}: this architecture serves "
                        f"{', '.join(MODEL_TYPES)}")
-    window = self.sliding_window
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
-      raise ValueError(f"sliding_window={window!r}: must be a positive integer or None")
-    if self.layer_types is not None:
-      put("layer_types", tuple(self.layer_types))
-      if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
-        raise ValueError(f"layer_types={list(self.layer_types)}: must give one of "
-                         f"{LAYER_TYPES} for each of the {self.num_layers} layers")
-      if "sliding_attention" in self.layer_types and window is None:
-        raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+    put("layer_types", check_windows(self.sliding_window, self.layer_types, self.num_layers))
 
   def windows(self) -> tuple[int, ...] | None:
     """Each layer's attention window (0: the whole causal context), or None when no
     layer has one."""
-    if self.sliding_window is None:
-      return None
-    types = self.layer_types or ("sliding_attention",) * self.num_layers
-    windows = tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
-    return windows if any(windows) else None
+    return layer_windows(self.sliding_window, self.layer_types, self.num_layers)
 
 
 _LLAMA3 = dict(vocab_size=128256, num_heads=32, num_kv_heads=8, rope_theta=500_000.0,
