@@ -1,6 +1,6 @@
 """Will it fit? Per-device memory of a sharded LoRA vs full fine-tuning step, from shapes only.
 
-Builds a Llama preset (default `llama-3.1-8b`, scanned layers, full remat, bf16
+Builds a preset of any family (default `llama-3.1-8b`, scanned layers, full remat, bf16
 params and compute), injects LoRA (rank 16, alpha 32, all linear layers, fp32
 adapters) and compiles `lora_jax.train.make_train_step`'s step for abstract,
 sharded arguments (`jax.ShapeDtypeStruct`s with shardings): no weight is ever
@@ -98,7 +98,8 @@ import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
 from lora_jax import quantize, recipe, sharding, train  # noqa: E402
-from lora_jax.models import llama  # noqa: E402
+from lora_jax import models  # noqa: E402
+from lora_jax.models import blocks  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 GiB = 1 << 30
@@ -473,7 +474,8 @@ def print_report(env: dict, a, steps: dict, platform_name: str) -> None:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(llama.PRESETS))
+  p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(models.PRESETS),
+                 help="any family's preset (Llama, Mistral, Qwen, Gemma)")
   p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
   p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate")
   p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
@@ -483,7 +485,7 @@ def parse_args(argv=None):
   p.add_argument("--data", type=int, default=1)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--tensor", type=int, default=1)
-  p.add_argument("--remat", default="full", choices=["none", *sorted(llama.REMAT_POLICIES)])
+  p.add_argument("--remat", default="full", choices=["none", *sorted(blocks.REMAT_POLICIES)])
   p.add_argument("--devices", type=int, default=8,
                  help="simulated CPU devices (ignored when XLA_FLAGS already sets a count)")
   p.add_argument("--quantize", default="none", choices=["none", *quantize.FORMATS],
@@ -510,7 +512,7 @@ def main(argv=None):
     sys.exit(f"mesh data={a.data} fsdp={a.fsdp} tensor={a.tensor} needs {n} devices; there are "
              f"{len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
   mesh = sharding.make_mesh(a.data, a.fsdp, a.tensor, devices=devices[:n])
-  base_model = llama.Llama(llama.config_for(
+  base_model = models.model_for(models.config_for(
       a.preset, scan_layers=True, remat=a.remat, dtype="bfloat16", param_dtype="bfloat16"))
   lora_config = lora_jax.LoRAConfig(rank=a.rank, alpha=2 * a.rank, dropout_rate=a.dropout)
 

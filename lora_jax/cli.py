@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--adapter", required=True, help="a lora_jax adapter directory")
   export.add_argument("--output", required=True, help="a new directory for the PEFT adapter")
   export.add_argument("--base-model", help="base_model_name_or_path to record, e.g. a hub name")
-  imp = sub.add_parser("import-peft", help="read a PEFT LoRA adapter of a Llama into a "
-                       "lora_jax adapter directory")
+  imp = sub.add_parser("import-peft", help="read a PEFT LoRA adapter (of Llama, Mistral, "
+                       "Qwen or Gemma) into a lora_jax adapter directory")
   imp.add_argument("--adapter", required=True, help="a PEFT adapter directory")
   imp.add_argument("--output", required=True, help="a new lora_jax adapter directory")
   return parser
@@ -181,8 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = recipe.load(args.config, args.overrides)
     if args.command == "info":
       facts = run.describe(cfg)
-      print(f"model: {cfg.model.base} ({facts['kind']}, Llama), {facts['layers']} layers, "
-            f"{facts['params']:,} params")
+      print(f"model: {cfg.model.base} ({facts['kind']}, {facts['family']}), "
+            f"{facts['layers']} layers, {facts['params']:,} params")
       q = facts["quantized"]
       print(f"frozen base: {_size(facts['base_bytes'])} stored"
             + (f" ({q['format']}: {8 * q['quantized_bytes'] / q['quantized_weights']:.3f} bits "

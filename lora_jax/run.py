@@ -29,7 +29,7 @@ import numpy as np
 import optax
 import yaml
 
-from lora_jax import bases, checkpoint, data, distributed, sharding, train
+from lora_jax import bases, checkpoint, data, distributed, models, sharding, train
 from lora_jax.config import LoRAConfig
 from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.loftq import loftq_params
@@ -340,6 +340,7 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
   facts = {"params": sum(n.values()), "trainable": n["lora"] + n["trainable"],
            "adapter_params": n["lora"], "targets": targets(llama, cfg.lora, sample),
            "layers": llama.config.num_layers, "vocab_size": llama.config.vocab_size,
+           "family": models.family_name(llama.config),
            "base_bytes": stored["bytes"], "base_bf16_bytes": 2 * stored["weights"],
            "quantized": {**stored, "format": cfg.model.quantize},
            "kind": {"hf": "Hugging Face checkpoint", "model": "lora_jax model directory",

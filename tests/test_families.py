@@ -19,8 +19,12 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import host_random
+import tiny_hf
+from cli_runner import lora_jax
+
 import lora_jax as lj
-from lora_jax import hf
+from lora_jax import bases, checkpoint, hf, sharding
+from lora_jax.recipe import ModelSection
 from lora_jax.models import config_for, model_for
 from lora_jax.models.generation import generate
 from lora_jax.models.llama import LlamaConfig, stack_layers
@@ -241,3 +245,57 @@ def test_config_checks_its_options():
   assert c.layer_types == ("full_attention", "sliding_attention") and c.windows() == (0, 4)
   assert LlamaConfig(64, 32, 48, 2, 4, 2, sliding_window=4).windows() == (4, 4)
   assert LlamaConfig(64, 32, 48, 2, 4, 2).windows() is None
+
+
+# --- the command line on a family's checkpoint -----------------------------------------
+
+CLI_FAMILIES = {
+    "gemma3_text": ("Gemma3TextConfig", "Gemma 3", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"])),
+    "qwen3": ("Qwen3Config", "Qwen 3", dict(head_dim=16, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_FAMILIES))
+def test_cli_trains_a_family_checkpoint_and_peft_loads_it(tmp_path, name):
+  config_class, family, extra = CLI_FAMILIES[name]
+  ckpt = tiny_hf.make_checkpoint(tmp_path / "ckpt", config_class=config_class, **extra)
+  code, stdout, err = lora_jax("info", f"model.base=hf:{ckpt}")
+  assert code == 0, err
+  assert f"(Hugging Face checkpoint, {family})" in stdout
+  rows = tmp_path / "chat.jsonl"
+  rows.write_text("\n".join(json.dumps(r) for r in tiny_hf.chat_rows()[:64]) + "\n")
+  out = tmp_path / "run"
+  code, stdout, err = lora_jax(
+      "train", "--no-progress", f"model.base=hf:{ckpt}", f"data.train={rows}",
+      f"output_dir={out}", "data.seq_len=32", "train.batch_size=8", "train.steps=3",
+      "train.learning_rate=0.01", "train.warmup_steps=1", "train.eval_every=0",
+      "train.eval_batches=1", "lora.targets=all-linear")
+  assert code == 0, err
+  # The PEFT adapter on transformers' model of the family gives lora_jax's logits.
+  base = bases.resolve(ModelSection(base=f"hf:{ckpt}"))
+  model, params = base.load()
+  adapters, config = checkpoint.load_adapter(out / "adapter", target=params)
+  ids = np.asarray(base.tokenizer().encode("ABSURDITY, n. A statement", bos=True))[None]
+  ours = lj.inject(model, config).apply({"params": lj.combine(adapters, params)},
+                                        jnp.asarray(ids))
+  torch_base = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager")
+  peft_model = PeftModel.from_pretrained(torch_base, out / "peft").eval()
+  np.testing.assert_allclose(np.asarray(ours), torch_logits(peft_model, ids), atol=1e-4, rtol=0)
+  assert json.loads((out / "peft" / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_a_family_loads_onto_a_mesh_scanned_in_bfloat16(checkpoints):
+  directory, torch_model = checkpoints["gemma3_text"]
+  mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+  model, params = hf.load_llama(directory, mesh=mesh, scan_layers=True)
+  q = params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.shape == (3, 32, 32) and len(q.sharding.device_set) == 8
+  logits = jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))
+  np.testing.assert_allclose(logits, torch_logits(torch_model), atol=1e-4, rtol=0)
+  # bf16 params and compute: close to float32, not equal.
+  model16, params16 = hf.load_llama(directory, dtype=jnp.bfloat16)
+  logits16 = model16.apply({"params": params16}, jnp.asarray(IDS))
+  assert params16["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+  assert 0 < float(jnp.max(jnp.abs(logits16 - logits))) < 0.1

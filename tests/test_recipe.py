@@ -9,7 +9,6 @@ from jax.sharding import AbstractMesh
 
 import lora_jax as lj
 from lora_jax import bases, quantize, recipe, sharding
-from lora_jax.models.llama import Llama
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -57,7 +56,7 @@ def test_every_shipped_config_builds_abstractly(path, monkeypatch):
   elif base.startswith("builtin:"):
     cfg = recipe.load(path, ["model.base=preset:tiny-byte"])
   resolved = bases.resolve(cfg.model)
-  llama = Llama(resolved.config)
+  llama = resolved.model()
   model = llama if "pretrain" in path.name else lj.inject(llama, cfg.lora)  # pretrain: no LoRA
   ids = jnp.zeros((1, 8), jnp.int32)
   abstract = resolved.abstract_params(model, ids)  # kernels quantized as model.quantize asks

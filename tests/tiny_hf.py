@@ -59,8 +59,9 @@ def make_tokenizer(directory: str | Path, kind: str = "bpe", vocab_size: int | N
 
 
 def make_checkpoint(directory: str | Path, *, tokenizer: str = "bpe", vocab_size: int | None = None,
-                    seed: int = 0, **config: Any) -> Path:
-  """Writes a tokenizer and a tiny random transformers Llama into `directory`.
+                    seed: int = 0, config_class: str = "LlamaConfig", **config: Any) -> Path:
+  """Writes a tokenizer and a tiny random transformers Llama (or, with `config_class`,
+  another family's model) into `directory`.
 
   Args:
     directory: created if missing.
@@ -68,7 +69,8 @@ def make_checkpoint(directory: str | Path, *, tokenizer: str = "bpe", vocab_size
     vocab_size: the model's vocabulary; by default the tokenizer's rounded up
       to a multiple of 64, so the embeddings go past the tokenizer's ids.
     seed: the torch seed of the random weights.
-    **config: LlamaConfig fields to override.
+    config_class: the transformers config class, e.g. "Gemma3TextConfig".
+    **config: its fields to override.
 
   Returns:
     The directory, with `config.json`, `model.safetensors` and a
@@ -86,10 +88,14 @@ def make_checkpoint(directory: str | Path, *, tokenizer: str = "bpe", vocab_size
                 tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=info["bos"],
                 eos_token_id=eos, torch_dtype="float32")
   fields.update(config)
-  llama_config = transformers.LlamaConfig(**fields)
-  llama_config._name_or_path = str(path)
+  model_config = getattr(transformers, config_class)(**fields)
+  model_config._name_or_path = str(path)
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(llama_config).to(torch.float32).eval()
+  if config_class == "LlamaConfig":
+    model = transformers.LlamaForCausalLM(model_config)
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(model_config)
+  model = model.to(torch.float32).eval()
   model.save_pretrained(path, safe_serialization=True)
   generation = json.loads((path / "generation_config.json").read_text())
   generation.update(bos_token_id=info["bos"], eos_token_id=eos)
