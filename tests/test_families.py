@@ -299,3 +299,38 @@ def test_a_family_loads_onto_a_mesh_scanned_in_bfloat16(checkpoints):
   logits16 = model16.apply({"params": params16}, jnp.asarray(IDS))
   assert params16["embed_tokens"]["embedding"].dtype == jnp.bfloat16
   assert 0 < float(jnp.max(jnp.abs(logits16 - logits))) < 0.1
+
+
+def test_gemma3_with_its_vision_encoder_loads_its_language_model(tmp_path):
+  text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, image_size=28, patch_size=14)
+  torch.manual_seed(0)
+  torch_model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+  torch_model.save_pretrained(tmp_path / "mm")
+  model, params = hf.load_llama(tmp_path / "mm")
+  assert model.config.model_type == "gemma3_text" and "vision_tower" not in params
+  np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(IDS)),
+                             torch_logits(torch_model), atol=1e-4, rtol=0)
+
+
+def test_gemma_configs_fill_what_config_json_leaves_out_as_transformers_does():
+  # A hub Gemma 3 4B text_config gives a few keys; transformers' defaults give the rest.
+  sparse = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0})
+  for kind, cls in (("gemma3_text", transformers.Gemma3TextConfig),
+                    ("gemma2", transformers.Gemma2Config)):
+    fields = {k: v for k, v in sparse.items() if kind == "gemma3_text" or k != "rope_scaling"}
+    ours, theirs = hf.gemma_config({"model_type": kind, **fields}), cls(**fields)
+    assert (ours.vocab_size, ours.num_heads, ours.num_kv_heads, ours.head_dim,
+            ours.query_pre_attn_scalar, ours.rope_theta, ours.max_position_embeddings,
+            ours.attn_logit_softcapping, ours.final_logit_softcapping,
+            ours.tie_word_embeddings) == (
+        theirs.vocab_size, theirs.num_attention_heads, theirs.num_key_value_heads,
+        theirs.head_dim, theirs.query_pre_attn_scalar, theirs.rope_theta,
+        theirs.max_position_embeddings, theirs.attn_logit_softcapping,
+        theirs.final_logit_softcapping, theirs.tie_word_embeddings)
+    assert list(ours.layer_types) == theirs.layer_types
+  assert hf.gemma_config({"model_type": "gemma3_text", **sparse}) == config_for("gemma-3-4b")

@@ -133,8 +133,8 @@ def copy_checkpoint(source, target, *, config=None, drop=None):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(config={"model_type": "mistral"}), "only 'llama'"),
-    (dict(config={"attention_bias": True}), "attention_bias"),
+    (dict(config={"model_type": "gpt_neox"}), "model_type 'gpt_neox'"),
+    (dict(config={"mlp_bias": True}), "mlp_bias"),
     (dict(config={"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "yarn"),
     (dict(config={"intermediate_size": 40}), "has shape"),
     (dict(drop="model.norm.weight"), "missing tensors \\['model.norm.weight'\\]"),

@@ -17,6 +17,20 @@ from lora_jax.models.gemma import MODEL_TYPES, GemmaConfig
 
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATION = "gelu_pytorch_tanh"
+# What transformers' `Gemma2Config` and `Gemma3TextConfig` take for a key a `config.json`
+# leaves out (hub configs of Gemma 3 with its vision encoder give few of them).
+_COMMON = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+               query_pre_attn_scalar=256, sliding_window=4096, rms_norm_eps=1e-6,
+               tie_word_embeddings=True)
+DEFAULTS = {
+    "gemma2": dict(_COMMON, vocab_size=256000, rope_theta=10_000.0,
+                   max_position_embeddings=8192, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(_COMMON, vocab_size=262208, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, max_position_embeddings=131072,
+                        attn_logit_softcapping=None, final_logit_softcapping=None),
+}
 
 
 def gemma_config(hf: Mapping[str, Any], **overrides: Any) -> GemmaConfig:
@@ -34,6 +48,7 @@ def gemma_config(hf: Mapping[str, Any], **overrides: Any) -> GemmaConfig:
     raise ValueError(f"config.json has model_type {kind!r}; Gemma is one of {MODEL_TYPES} "
                      "(a multimodal 'gemma3' checkpoint's text model is 'gemma3_text')")
   gemma3 = kind == "gemma3_text"
+  hf = {**DEFAULTS[kind], **hf}
   activation = hf.get("hidden_activation") or hf.get("hidden_act") or _ACTIVATION
   unsupported = {}
   if activation != _ACTIVATION:
@@ -47,29 +62,27 @@ def gemma_config(hf: Mapping[str, Any], **overrides: Any) -> GemmaConfig:
     unsupported["rope_scaling"] = hf["rope_scaling"]
   if unsupported:
     raise ValueError(f"config.json sets {unsupported}, which the reference Gemma lacks")
-  layers = hf.get("num_hidden_layers")
+  layers = hf["num_hidden_layers"]
   layer_types = hf.get("layer_types")
-  if layer_types is None and isinstance(layers, int):  # transformers' defaults
+  if layer_types is None and isinstance(layers, int):  # transformers' default pattern
     every = hf.get("sliding_window_pattern", 6) if gemma3 else 2
     layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
                    for i in range(layers)]
   fields = dict(
-      model_type=kind, vocab_size=hf.get("vocab_size"), hidden_size=hf.get("hidden_size"),
-      intermediate_size=hf.get("intermediate_size"), num_layers=layers,
-      num_heads=hf.get("num_attention_heads"),
-      num_kv_heads=hf.get("num_key_value_heads") or hf.get("num_attention_heads"),
-      head_dim=hf.get("head_dim", 256),
-      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      rope_theta=float(hf.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0)),
-      rope_local_base_freq=float(hf.get("rope_local_base_freq", 10_000.0)) if gemma3 else None,
+      model_type=kind, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=layers,
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],
+      head_dim=hf["head_dim"], query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+      rms_norm_eps=hf["rms_norm_eps"], rope_theta=float(hf["rope_theta"]),
+      rope_local_base_freq=float(hf["rope_local_base_freq"]) if gemma3 else None,
       rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-      sliding_window=hf.get("sliding_window"),
+      sliding_window=hf["sliding_window"],
       layer_types=None if layer_types is None else tuple(layer_types),
-      attn_logit_softcapping=hf.get("attn_logit_softcapping", None if gemma3 else 50.0),
-      final_logit_softcapping=hf.get("final_logit_softcapping", None if gemma3 else 30.0),
-      qk_norm=gemma3, max_position_embeddings=hf.get("max_position_embeddings", 8192),
-      tie_word_embeddings=hf.get("tie_word_embeddings", True))
+      attn_logit_softcapping=hf["attn_logit_softcapping"],
+      final_logit_softcapping=hf["final_logit_softcapping"], qk_norm=gemma3,
+      max_position_embeddings=hf["max_position_embeddings"],
+      tie_word_embeddings=hf["tie_word_embeddings"])
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
               "head_dim"):
     value = fields[key]

@@ -146,8 +146,12 @@ def read_config(directory) -> dict[str, Any]:
 
 def model_config(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig | GemmaConfig:
   """The model config of a checkpoint of any supported family, by its `model_type`:
-  `llama_config` or `gemma_config`."""
+  `llama_config` or `gemma_config` (for a multimodal Gemma 3, `model_type` 'gemma3',
+  its language model's: `text_config`)."""
   kind = hf.get("model_type", "llama")
+  if kind == "gemma3" and isinstance(hf.get("text_config"), Mapping):
+    # Gemma 3 with its vision encoder: its language model, a gemma3_text model.
+    return gemma_config({**hf["text_config"], "model_type": "gemma3_text"}, **overrides)
   if kind in GEMMA_TYPES:
     return gemma_config(hf, **overrides)
   if kind not in ARCHITECTURES:
@@ -257,39 +261,57 @@ def hf_config(config: LlamaConfig | GemmaConfig, dtype: Any) -> dict[str, Any]:
 
 # --- reading ---------------------------------------------------------------
 
-class _Tensors:
-  """The tensors of `model.safetensors` or of the shards its index names, read lazily."""
+# A multimodal checkpoint's language model (Gemma 3 with its vision encoder) under the
+# names a text model has; its other towers are not read.
+_LANGUAGE_MODEL = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                   ("language_model.lm_head.", "lm_head."))
+_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                 "model.multi_modal_projector.")
 
-  def __init__(self, directory: Path):
+
+class _Tensors:
+  """The tensors of `model.safetensors` or of the shards its index names, read lazily,
+  by their names in a text model (`files`: name -> file)."""
+
+  def __init__(self, directory: Path, language_model: bool = False):
     index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
     if index.is_file():
       weight_map = json.loads(index.read_text())["weight_map"]
-      self.files = {name: directory / file for name, file in weight_map.items()}
+      files = {name: directory / file for name, file in weight_map.items()}
     elif single.is_file():
       with safe_open(single, "numpy") as f:
-        self.files = {name: single for name in f.keys()}
+        files = {name: single for name in f.keys()}
     else:
       raise FileNotFoundError(
           f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
           "(pickled .bin checkpoints are not read; re-save with safe_serialization=True)")
-
+    self._stored = {name: name for name in files}
+    if language_model:
+      self._stored = {}
+      for name in files:
+        if name.startswith(_OTHER_TOWERS):
+          continue
+        text = next((new + name[len(old):] for old, new in _LANGUAGE_MODEL
+                     if name.startswith(old)), name)
+        self._stored[text] = name
+    self.files = {text: files[stored] for text, stored in self._stored.items()}
     self._open: dict[Path, Any] = {}
     self._last: tuple[Any, np.ndarray] | None = None
 
-  def _file(self, name: str) -> Any:
+  def _slice(self, name: str) -> Any:
     file = self.files[name]
     if file not in self._open:
       self._open[file] = safe_open(file, "numpy")
-    return self._open[file]
+    return self._open[file].get_slice(self._stored[name])
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._file(name).get_slice(name).get_shape())
+    return tuple(self._slice(name).get_shape())
 
   def read(self, name: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
     """`index` of the tensor, or of its transpose: only those bytes are read."""
     key = (name, transpose, tuple((s.start, s.stop, s.step) for s in index))
     if self._last is None or self._last[0] != key:  # devices holding the same slice ask in turn
-      part = self._file(name).get_slice(name)[tuple(reversed(index)) if transpose else index]
+      part = self._slice(name)[tuple(reversed(index)) if transpose else index]
       self._last = key, part.T if transpose else part
     return self._last[1]
 
@@ -370,12 +392,12 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
       tensor, or a tensor whose shape disagrees with `config.json`.
   """
   directory = Path(directory)
-  config = model_config(read_config(directory),
-                        **{"dtype": dtype, "param_dtype": dtype, **overrides})
+  hf = read_config(directory)
+  config = model_config(hf, **{"dtype": dtype, "param_dtype": dtype, **overrides})
   model = model_for(config)
   boxed = _abstract_params(config)
   abstract = nn.unbox(boxed)
-  tensors = _Tensors(directory)
+  tensors = _Tensors(directory, language_model="text_config" in hf)
   ignored = {n for n in tensors.files if n.endswith("rotary_emb.inv_freq")}
   if config.tie_word_embeddings:
     ignored.add("lm_head.weight")  # some tied checkpoints store the copy
