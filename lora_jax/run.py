@@ -164,17 +164,8 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
       f"({100 * (n['lora'] + n['trainable']) / sum(n.values()):.2f}%) on a "
       f"{dict(mesh.shape)} mesh")
 
-  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", config, save_every=t.save_every,
-                                      keep=t.keep)
-  shapes = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-  state = ckpt.restore(checkpoint.TrainState(0, shapes(adapters), shapes(opt_state),
-                                             jax.random.key(t.seed)))
-  if state is None:
-    state = checkpoint.TrainState(0, adapters, opt_state, jax.random.key(t.seed),
-                                  {"epoch": 0, "batch": 0})
-  else:
-    log(f"resuming from step {state.step} in {out / 'checkpoints'}")
+  ckpt, state = start_or_resume(cfg, out, config, adapters, opt_state,
+                                {"epoch": 0, "batch": 0}, log)
   rows = distributed.host_rows(step.batch_sharding, t.batch_size)
   loader = data.Loader(train_rows, t.batch_size, seed=t.seed, host_rows=rows,
                        position=state.data)
@@ -197,6 +188,24 @@ def train_run(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], Non
             "does not hold this run's adapter")
   result["steps"] = state.step
   return result
+
+
+def start_or_resume(cfg: RunConfig, out: Path, config: LoRAConfig | None, adapters: Any,
+                    opt_state: Any, position: Any, log: Callable[[str], None]
+                    ) -> tuple[checkpoint.TrainCheckpointer, checkpoint.TrainState]:
+  """The run's checkpointer and its state: restored from `out/checkpoints` (shapes and
+  shardings of `adapters` and `opt_state`), else step 0 at the loader `position`."""
+  t = cfg.train
+  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", config, save_every=t.save_every,
+                                      keep=t.keep)
+  shapes = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  state = ckpt.restore(checkpoint.TrainState(0, shapes(adapters), shapes(opt_state),
+                                             jax.random.key(t.seed)))
+  if state is None:
+    return ckpt, checkpoint.TrainState(0, adapters, opt_state, jax.random.key(t.seed), position)
+  log(f"resuming from step {state.step} in {out / 'checkpoints'}")
+  return ckpt, state
 
 
 def _losses(loss: float | Mapping[str, float]) -> str:

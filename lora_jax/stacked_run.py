@@ -26,7 +26,7 @@ from lora_jax.inject import init_adapters, inject
 from lora_jax.mixed import DORA, SCALE
 from lora_jax.recipe import RunConfig
 from lora_jax.run import (_check_run_dir, _eval_fn, _evaluator, _hold_out, _optimizer,
-                          _train_loop, corpus_paths)
+                          _train_loop, corpus_paths, start_or_resume)
 from lora_jax.stack import AdapterStack, stack_adapters
 from lora_jax.tree import combine, count, merge, split
 
@@ -81,17 +81,8 @@ def train_adapters(cfg: RunConfig, base_model: bases.Base, tokenizer, mesh, prog
       + ", ".join(f"{name} {n:,}" for name, n in sizes.items())
       + f" params) stacked at rank {s.spec.max_rank} on a {dict(mesh.shape)} mesh")
 
-  ckpt = checkpoint.TrainCheckpointer(out / "checkpoints", cfg.lora, save_every=t.save_every,
-                                      keep=t.keep)
-  shapes = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-  state = ckpt.restore(checkpoint.TrainState(0, shapes(adapters), shapes(opt_state),
-                                             jax.random.key(t.seed)))
-  if state is None:
-    state = checkpoint.TrainState(0, adapters, opt_state, jax.random.key(t.seed),
-                                  {name: {"epoch": 0, "batch": 0} for name in names})
-  else:
-    log(f"resuming from step {state.step} in {out / 'checkpoints'}")
+  ckpt, state = start_or_resume(cfg, out, cfg.lora, adapters, opt_state,
+                                {name: {"epoch": 0, "batch": 0} for name in names}, log)
   # Every host draws the whole global batch (each adapter's rows, in slot order) and
   # keeps its own rows of it.
   loaders = {}

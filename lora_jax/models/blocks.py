@@ -299,6 +299,22 @@ class GatedMLP(nn.Module):
     return dense(c, c.hidden_size, ("mlp", "embed"), "down_proj")(h)
 
 
+def embedding(config: Any) -> nn.Embed:
+  """The token embedding `embed_tokens`, in the config's dtypes."""
+  return nn.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
+                  param_dtype=config.param_dtype,
+                  embedding_init=nn.with_logical_partitioning(INIT, ("vocab", "embed")),
+                  name="embed_tokens")
+
+
+def output_logits(config: Any, embed: nn.Embed, x: jax.Array) -> jax.Array:
+  """Float32 logits: through the embedding when `config.tie_word_embeddings`, else
+  through `lm_head`."""
+  if config.tie_word_embeddings:
+    return embed.attend(x).astype(jnp.float32)
+  return dense(config, config.vocab_size, ("embed", "vocab"), "lm_head")(x).astype(jnp.float32)
+
+
 def run_layers(layer: type[nn.Module], config: Any, decode: bool, x: jax.Array,
                attention_mask: jax.Array, positions: jax.Array | None,
                per_layer: tuple[jax.Array, ...] = ()) -> jax.Array:

@@ -45,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.blocks import (INIT, REMAT_POLICIES, Attention, GatedMLP, check_windows,
-                                    dense, inverse_frequencies, layer_windows, norm, run_layers)
+from lora_jax.models.blocks import (REMAT_POLICIES, Attention, GatedMLP, check_windows,
+                                    embedding, inverse_frequencies, layer_windows, norm,
+                                    output_logits, run_layers)
 
 MODEL_TYPES = ("gemma2", "gemma3_text")  # transformers' names of the two
 
@@ -206,9 +207,7 @@ class Gemma(nn.Module):
     c = self.config
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                     embedding_init=nn.with_logical_partitioning(INIT, ("vocab", "embed")),
-                     name="embed_tokens")
+    embed = embedding(c)
     # The scale rounded to the embedding's dtype first, as transformers does.
     x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), c.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -217,9 +216,5 @@ class Gemma(nn.Module):
     if windows is not None:
       per_layer += (jnp.asarray(windows, jnp.int32),)
     x = run_layers(GemmaDecoderLayer, c, decode, x, attention_mask, positions, per_layer)
-    x = norm(c, "norm", True)(x)
-    if c.tie_word_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = dense(c, c.vocab_size, ("embed", "vocab"), "lm_head")(x)
-    return _softcap(logits.astype(jnp.float32), c.final_logit_softcapping)
+    logits = output_logits(c, embed, norm(c, "norm", True)(x))
+    return _softcap(logits, c.final_logit_softcapping)

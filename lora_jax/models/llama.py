@@ -61,8 +61,8 @@ import numpy as np
 # The shared blocks and generation, importable from here as they always were.
 from lora_jax.models.blocks import (  # noqa: F401
     INIT, LAYER_TYPES, REMAT_POLICIES, Attention, GatedMLP, RMSNorm, RopeScaling, apply_rope,
-    attention, check_windows, dense, init_cache, inverse_frequencies, layer_windows, norm,
-    positions_from_mask, run_layers, stack_layers, unstack_layers)
+    attention, check_windows, dense, embedding, init_cache, inverse_frequencies, layer_windows,
+    norm, output_logits, positions_from_mask, run_layers, stack_layers, unstack_layers)
 from lora_jax.models.generation import generate  # noqa: F401
 
 # The families of this architecture, as transformers' `model_type` names them.
@@ -228,16 +228,9 @@ class Llama(nn.Module):
     c = self.config
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                     embedding_init=nn.with_logical_partitioning(INIT, ("vocab", "embed")),
-                     name="embed_tokens")
+    embed = embedding(c)
     x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
     windows = c.windows()  # per layer: scanned with the layers' params
     windows = () if windows is None else (jnp.asarray(windows, jnp.int32),)
     x = run_layers(LlamaDecoderLayer, c, decode, x, attention_mask, positions, windows)
-    x = norm(c, "norm")(x)
-    if c.tie_word_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = dense(c, c.vocab_size, ("embed", "vocab"), "lm_head")(x)
-    return logits.astype(jnp.float32)
+    return output_logits(c, embed, norm(c, "norm")(x))
