@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import shutil
 import warnings
 
@@ -118,7 +119,7 @@ def test_scanned_layers_keep_each_layers_window(loaded, name):
                              atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3-window", "gemma2", "gemma3_text"])
 def test_greedy_generate_equals_transformers(checkpoints, loaded, name):
   _, torch_model = checkpoints[name]
   model, params = loaded[name]
@@ -334,3 +335,15 @@ def test_gemma_configs_fill_what_config_json_leaves_out_as_transformers_does():
         theirs.final_logit_softcapping, theirs.tie_word_embeddings)
     assert list(ours.layer_types) == theirs.layer_types
   assert hf.gemma_config({"model_type": "gemma3_text", **sparse}) == config_for("gemma-3-4b")
+
+
+@pytest.mark.parametrize("preset, family", [("qwen3-0.6b", "Qwen 3"), ("gemma-2-2b", "Gemma 2"),
+                                            ("mistral-7b", "Mistral")])
+def test_a_preset_base_picks_its_family(preset, family):
+  code, stdout, err = lora_jax("info", f"model.base=preset:{preset}", "lora.targets=[q_proj]")
+  assert code == 0, err
+  assert f"(preset (random weights), {family})" in stdout
+  total = sum(math.prod(s.shape) for s in jax.tree.leaves(jax.eval_shape(
+      model_for(config_for(preset)).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+  trainable = int(re.search(r"trainable: ([\d,]+)", stdout).group(1).replace(",", ""))
+  assert f"layers, {total + trainable:,} params" in stdout  # the family's own size, + adapters
