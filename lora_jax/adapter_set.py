@@ -27,7 +27,7 @@ import jax
 
 from lora_jax.checkpoint import load_adapter, save_adapter
 from lora_jax.config import ADAPTER_LEAVES, LoRAConfig, check_adapter_name
-from lora_jax.hf.llama import fresh_directory
+from lora_jax.hf.checkpoints import fresh_directory
 from lora_jax.hf.peft import ServingWarning
 from lora_jax.hf.peft import export_peft as _export_peft
 from lora_jax.hf.peft import import_peft as _import_peft

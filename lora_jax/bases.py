@@ -72,7 +72,7 @@ class Base:
   def name_or_path(self) -> str:
     """The checkpoint's own name (`_name_or_path` in `config.json`), else its path."""
     if self.kind == "hf":
-      from lora_jax.hf.llama import read_config
+      from lora_jax.hf.checkpoints import read_config
       recorded = read_config(self.path).get("_name_or_path")
       if recorded:
         return str(recorded)
@@ -83,7 +83,7 @@ class Base:
     """The dtype a Hugging Face checkpoint stores its weights in (`torch_dtype`)."""
     if self.kind != "hf":
       return None
-    from lora_jax.hf.llama import read_config
+    from lora_jax.hf.checkpoints import read_config
     hf = read_config(self.path)
     return hf.get("torch_dtype") or hf.get("dtype")
 
@@ -111,7 +111,7 @@ class Base:
     its linear kernels quantized as `quantize` asks (a Hugging Face checkpoint's as they
     are read; other bases' once loaded)."""
     if self.kind == "hf":
-      from lora_jax.hf.llama import load_llama
+      from lora_jax.hf.checkpoints import load_llama
       options = {k: getattr(self.config, k) for k in RUN_OPTIONS}
       return load_llama(self.path, mesh=mesh, quantize=self.quantize,
                         quantize_block=self.quantize_block, **options)
@@ -159,7 +159,7 @@ class Base:
       if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
       return save_model(directory, self.config, params, overwrite=overwrite)
-    from lora_jax.hf.llama import save_llama
+    from lora_jax.hf.checkpoints import save_llama
     path = save_llama(directory, params, self.config, dtype=dtype or self.stored_dtype,
                       overwrite=overwrite)
     if jax.process_index() == 0:
@@ -198,7 +198,7 @@ def resolve(section: Any) -> Base:
       what = "a Hugging Face checkpoint" if spec.startswith("hf:") else "a model directory"
       raise FileNotFoundError(f"{path} is not {what} (no config.json"
                               + ("" if spec.startswith("hf:") else " or model.json") + ")")
-    from lora_jax.hf.llama import model_config, read_config
+    from lora_jax.hf.checkpoints import model_config, read_config
     config = model_config(read_config(path), **options)
     return Base(spec, "hf", path, config, tokenizer or path, **quantized)
   described = json.loads((path / "model.json").read_text())

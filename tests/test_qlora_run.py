@@ -20,7 +20,7 @@ from cli_runner import lora_jax
 
 import lora_jax as lj
 from lora_jax import bases, checkpoint, quantize as q, serve, sharding
-from lora_jax.hf.llama import load_llama
+from lora_jax.hf.checkpoints import load_llama
 from lora_jax.recipe import ModelSection
 
 ARGS = ["data.seq_len=64", "train.batch_size=8", "train.learning_rate=0.01",

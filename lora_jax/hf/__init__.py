@@ -10,9 +10,10 @@ Reading and writing need only `safetensors`; transformers, peft and torch
 are needed only to use the files (the `hf` extra).
 """
 
+from lora_jax.hf.checkpoints import (export_merged_safetensors, hf_module, jax_module,
+                                     load_llama, model_config, save_llama)
 from lora_jax.hf.gemma import gemma_config
-from lora_jax.hf.llama import (export_merged_safetensors, hf_module, jax_module, llama_config,
-                               load_llama, model_config, save_llama)
+from lora_jax.hf.llama import llama_config
 from lora_jax.hf.peft import ServingWarning, export_peft, import_peft
 from lora_jax.hf.tokenizer import HFTokenizer, load_tokenizer
 

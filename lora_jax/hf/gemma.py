@@ -2,8 +2,8 @@
 
 The weights need nothing of their own: Gemma's module names are the reference
 Gemma's (`lora_jax.models.gemma`), translated as every family's are in
-`lora_jax.hf.llama`. Only `config.json` differs, and anything in it the model
-cannot honour is an error naming the key.
+`lora_jax.hf.checkpoints`. Only `config.json` differs, and anything in it the
+model cannot honour is an error naming the key.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lora_jax.config import ADAPTER_LEAVES, ALL_LINEAR, LoRAConfig, PathRule
-from lora_jax.hf.llama import (check_free, fresh_directory, hf_module, hf_param, host_array,
-                               jax_module, jax_param, to_hf)
+from lora_jax.hf.checkpoints import (check_free, fresh_directory, hf_module, hf_param,
+                                     host_array, jax_module, jax_param, to_hf)
 from lora_jax.models.llama import LlamaConfig, unstack_layers
 from lora_jax.tree import leaf_paths, split
 
