@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--max-new-tokens", type=int, default=200)
   gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass")
-  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--seed", type=int, default=0,
+                   help="the sampling seed (a --prompts line's \"seed\" is its own)")
   quantize_help = ("load the base's linear kernels quantized: nf4, int4 or int8 (a QLoRA "
                    "adapter's own base, as trained with model.quantize)")
   block_help = "the quantization block the adapter was trained with (model.quantize_block)"

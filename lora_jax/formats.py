@@ -422,7 +422,7 @@ def read_adapter_rows(path: str | os.PathLike, key: str) -> list[tuple[str, str,
   return _jsonl(path, text, parse)
 
 
-PROMPT_KEYS = ("prompt", "adapter", "system")
+PROMPT_KEYS = ("prompt", "adapter", "system", "seed")
 
 
 class Prompt(NamedTuple):
@@ -432,26 +432,28 @@ class Prompt(NamedTuple):
     prompt: the text to continue, or in a chat the user's message.
     adapter: the name of the adapter to run it with; None: the base model.
     system: a system message for a chat, or None.
+    seed: the sampling seed of this prompt, or None for the run's.
     source: where the line is, e.g. `'prompts.jsonl, line 3'`.
   """
 
   prompt: str
   adapter: str | None
   system: str | None
+  seed: int | None
   source: str
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-  """The prompts of a JSONL file: one `{"prompt": ..., "adapter": ..., "system": ...}`
-  object per line, `"adapter"` (a name, or null/absent for the base model) and
-  `"system"` optional. Blank lines are skipped.
+  """The prompts of a JSONL file: one `{"prompt": ..., "adapter": ..., "system": ...,
+  "seed": ...}` object per line, `"adapter"` (a name, or null/absent for the
+  base model), `"system"` and `"seed"` (an int: this prompt's sampling seed)
+  optional. Blank lines are skipped.
 
   Raises:
     FileNotFoundError: when `path` is not a file.
     ValueError: naming the line, for a line that is not a JSON object, lacks
-      `"prompt"`, has a key besides those three, or a value that is not a
-      string (or null, for `"adapter"` and `"system"`); and for a file with
-      no prompts.
+      `"prompt"`, has a key besides those four, or a value of another type
+      (null allowed for the optional ones); and for a file with no prompts.
   """
   path = Path(path)
   if not path.is_file():
@@ -460,7 +462,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     text = path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 ({e})") from None
-  shape = 'an object with "prompt" and optionally "adapter" and "system"'
+  shape = 'an object with "prompt" and optionally "adapter", "system" and "seed"'
   prompts = []
   for number, line in enumerate(text.split("\n"), 1):
     if not line.strip():
@@ -481,7 +483,12 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     for key in ("adapter", "system"):
       if record.get(key) is not None and not isinstance(record[key], str):
         raise ValueError(f'{where}: "{key}" is {_type(record[key])}; expected a string or null')
-    prompts.append(Prompt(record["prompt"], record.get("adapter"), record.get("system"), where))
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**32):
+      raise ValueError(f'{where}: "seed" is {seed!r}; expected an int in [0, 2**32) or null')
+    prompts.append(Prompt(record["prompt"], record.get("adapter"), record.get("system"), seed,
+                          where))
   if not prompts:
     raise ValueError(f"{path} holds no prompts (expected one JSON object per line)")
   return prompts

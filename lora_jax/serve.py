@@ -78,7 +78,8 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
       tokenizer's end-of-sequence (and end-of-turn) ids.
     temperature: 0 for greedy decoding, else the sampling temperature.
     top_p: nucleus sampling's probability mass.
-    seed: the sampling seed.
+    seed: the sampling seed; the same prompt, adapter and seed give the same
+      text here as in a `generate_batch` row.
 
   Returns:
     The new text (without the prompt), special tokens removed.
@@ -92,9 +93,14 @@ def generate_text(section: ModelSection, prompt: str, *, adapter: str | None = N
   elif base_model.quantize != "none":
     model = quantized_model(model)
   out = generate(model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p, rng=jax.random.key(seed) if temperature > 0 else None,
-                 stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
+                 top_p=top_p, rng=_row_keys([seed]), stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
   return _reply(tokenizer, out[0, ids.shape[1]:])
+
+
+def _row_keys(seeds: Sequence[int]) -> jax.Array:
+  """A sampling key per row, each of its own seed, so a row draws the same
+  tokens whatever else is in its batch."""
+  return jnp.stack([jax.random.key(s) for s in seeds])
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None, where: str = ""
@@ -131,9 +137,9 @@ def generate_batch(section: ModelSection, prompts: Sequence[Prompt], *,
 
   The named adapters are stacked (`lora_jax.stack_adapters`) on the base and
   every prompt, left-padded, runs with its adapter's id through one compiled
-  `generate`. Greedy, each reply is the one `generate_text` gives for that
-  prompt and adapter alone (up to float round-off in a near tie); sampled,
-  the rows draw from one rng.
+  `generate`. Each reply is the one `generate_text` gives for that prompt,
+  adapter and seed alone (up to float round-off in a near tie): sampled, each
+  row draws from its own key, of its prompt's `seed` or else `seed`.
 
   Args:
     section: the base model.
@@ -142,7 +148,8 @@ def generate_batch(section: ModelSection, prompts: Sequence[Prompt], *,
     adapters: name -> a lora_jax or PEFT adapter directory.
     chat: each prompt is a user message (after its `system`, else `system`).
     system: the system message of prompts that give none (with `chat`).
-    max_new_tokens, temperature, top_p, seed: as for `generate_text`.
+    max_new_tokens, temperature, top_p: as for `generate_text`.
+    seed: the sampling seed of prompts that give none.
 
   Returns:
     Each prompt's new text, in order.
@@ -188,7 +195,7 @@ def generate_batch(section: ModelSection, prompts: Sequence[Prompt], *,
     model = quantized_model(model)
   out = generate(model, params, prompt_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p,
-                 rng=jax.random.key(seed) if temperature > 0 else None,
+                 rng=_row_keys([seed if p.seed is None else p.seed for p in prompts]),
                  stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size,
                  model_kwargs=kwargs)
   out = np.asarray(out)

@@ -349,6 +349,22 @@ def test_sampling_is_deterministic_for_a_fixed_rng(params, ids):
     generate(model, params, ids, max_new_tokens=2, temperature=0.5)
 
 
+def test_a_key_per_row_samples_each_row_as_it_would_alone(params, ids):
+  model = Llama(TINY)
+  sample = functools.partial(generate, model, params, max_new_tokens=8, temperature=1.0)
+  keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
+  both = np.asarray(sample(ids[:, :3], rng=keys))
+  for row in range(2):
+    np.testing.assert_array_equal(both[row:row + 1],
+                                  sample(ids[row:row + 1, :3], rng=keys[row:row + 1]))
+  swapped = np.asarray(sample(ids[:, :3], rng=keys[::-1]))
+  assert not np.array_equal(both[0], swapped[0])         # each row draws from its own key
+  np.testing.assert_array_equal(sample(ids[:, :3], rng=jax.random.PRNGKey(3)),
+                                sample(ids[:, :3], rng=jax.random.key(3)))  # raw key data
+  with pytest.raises(ValueError, match="one per row"):
+    sample(ids[:, :3], rng=jnp.stack([jax.random.key(1)] * 3))
+
+
 def test_generate_stops_rows_at_stop_ids_and_keeps_the_rest(params, ids):
   model = Llama(TINY)
   free = np.asarray(generate(model, params, ids[:, :3], max_new_tokens=8))

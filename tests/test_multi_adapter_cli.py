@@ -15,7 +15,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax import bases, checkpoint, cli, hf, serve, stacked_run
-from lora_jax.formats import read_prompts
+from lora_jax.formats import Prompt, read_prompts
 from lora_jax.models.llama import Llama
 from lora_jax.recipe import ModelSection
 
@@ -113,6 +113,23 @@ def test_chat_prompts_take_their_own_system_message(adapters, tmp_path):
   assert replies[0] != replies[1]
 
 
+def test_sampled_prompts_draw_as_they_would_alone(adapters):
+  """Sampled, each row draws from its own key (its line's seed, else the run's): every reply
+  is the one `generate_text` samples for that prompt, adapter and seed alone."""
+  rows = [("LAWYER, n. One skilled in", "a", 7), ("And the LORD", None, None),
+          ("LAWYER, n. One skilled in", "a", 8)]
+  prompts = [Prompt(text, name, None, seed, f"line {i}")
+             for i, (text, name, seed) in enumerate(rows)]
+  sampling = dict(max_new_tokens=6, temperature=1.0, top_p=0.95)
+  section = ModelSection()
+  replies = serve.generate_batch(section, prompts, adapters={"a": str(adapters / "a")}, seed=3,
+                                 **sampling)
+  for (text, name, seed), reply in zip(rows, replies):
+    assert reply == serve.generate_text(section, text, adapter=name and str(adapters / name),
+                                        seed=3 if seed is None else seed, **sampling)
+  assert replies[0] != replies[2]  # same prompt and adapter, another seed
+
+
 @pytest.mark.parametrize("lines, argv, message", [
     ([ROWS[0], {"prompt": "x", "adapter": "c"}], [],
      r"prompts.jsonl, line 2: no adapter named 'c'; the adapters are \['a', 'b'\]"),
@@ -120,6 +137,7 @@ def test_chat_prompts_take_their_own_system_message(adapters, tmp_path):
     ([ROWS[0], {"adapter": "a"}], [], 'line 2: no "prompt"'),
     ([{"prompt": "x", "adaptor": "a"}], [], r"line 1: unknown keys \['adaptor'\]"),
     ([{"prompt": "x", "system": "Be brief."}], [], "line 1: a system message needs chat"),
+    ([{"prompt": "x", "seed": "1"}], [], r"line 1: \"seed\" is '1'; expected an int"),
     ([], [], "holds no prompts"),
     ([ROWS[0]], ["--adapter", "a=elsewhere"], "the name 'a' is given twice"),
     ([ROWS[0]], ["--prompt", "x"], "--prompt and --prompts both given"),

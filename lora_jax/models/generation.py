@@ -38,7 +38,11 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
     temperature: 0 for greedy decoding, else the softmax temperature.
     top_p: nucleus sampling: sample only among the most likely tokens whose
       probabilities reach `top_p` together (1.0: all tokens).
-    rng: key for sampling; required when temperature > 0.
+    rng: for sampling (required when temperature > 0): one key, from which
+      the rows draw together, or one key per row (shape `(batch,)`), each
+      row then drawing from its own: a row's tokens depend only on its
+      prompt, its key and its model inputs, never on the other rows, so it
+      equals that prompt run alone with that key.
     attention_mask: (batch, prompt_len), 1 for real prompt tokens.
     stop_ids: ids that end a row (e.g. a tokenizer's EOS and end-of-turn
       ids). A row that produced one repeats it to the end; decoding stops
@@ -59,6 +63,12 @@ def generate(model: nn.Module, params: Any, prompt_ids: jax.Array, *, max_new_to
     raise ValueError("temperature must be >= 0, and sampling needs an rng.")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+  if rng is not None:
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)  # raw uint32 key data (jax.random.PRNGKey)
+    if rng.shape not in ((), prompt_ids.shape[:1]):
+      raise ValueError(f"rng of shape {rng.shape}: give one key, or one per row (shape "
+                       f"({prompt_ids.shape[0]},))")
   vocab = model.config.vocab_size
   if vocab_size is not None and not 0 < vocab_size <= vocab:
     raise ValueError(f"vocab_size={vocab_size}: must be in [1, {vocab}] (the model's vocabulary)")
@@ -87,6 +97,8 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.
   kept = jnp.cumsum(probs, axis=-1) - probs < top_p
   lowest = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
   nucleus = jnp.where((logits >= lowest) | (top_p >= 1), logits, -jnp.inf)
+  if key.ndim:  # a key per row
+    return jax.vmap(jax.random.categorical)(key, nucleus).astype(jnp.int32)
   return jax.random.categorical(key, nucleus, axis=-1).astype(jnp.int32)
 
 
@@ -102,7 +114,9 @@ def _generate(model, params, prompt_ids, attention_mask, rng, temperature, top_p
                                     decode=True, mutable=["cache"], **model_kwargs)
     return variables["cache"], pick(logits[:, -1], key)
 
-  keys = jax.random.split(rng, max_new_tokens)
+  # One key a step: (steps,) from one key, (steps, batch) from a key per row.
+  split = functools.partial(jax.random.split, num=max_new_tokens)
+  keys = jnp.moveaxis(jax.vmap(split)(rng), 0, 1) if rng.ndim else split(rng)
   cache = init_cache(model, batch, prompt_len + max_new_tokens)
   cache, token = step(cache, prompt_ids, attention_mask, keys[0])
   stopped = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=1)
