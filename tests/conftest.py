@@ -1,5 +1,8 @@
 """Test session fixtures: one XLA compilation cache, one tiny Hugging Face checkpoint.
 
+Each of pytest-xdist's workers (pyproject's addopts) is a session of its own
+here: its own cache and checkpoint.
+
 Many tests build a fresh `jax.jit` of the same program (a train step, a
 forward, a decode loop) from a new closure; without a shared cache each one
 compiles it again. The session's cache lives in a temporary directory made
