@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (gloo) train exactly like one process x 8 devices."""
+"""Two processes x 4 CPU devices (gloo) train exactly like one process x 8 devices: one
+adapter, and a stack of adapters on mixed rows."""
 
 import os
 import socket
@@ -27,7 +28,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one(tmp_path):
-  """Two hosts read a transformers checkpoint, train and export merged, as one host does."""
+  """Two hosts read a transformers checkpoint, train and export merged, and train a stack of
+  two adapters on mixed rows, as one host does."""
   tiny = config_for("tiny")
   hf_dir = hf.save_llama(tmp_path / "hf", Llama(tiny).init(
       jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"], tiny)
@@ -53,6 +55,14 @@ def test_two_processes_equal_one(tmp_path):
   assert multi.keys() == single.keys() and len(single) == 14
   for key in single:
     np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  stack_multi = dict(np.load(out / "stack.npz"))
+  stack_single = multihost_worker.train_stack(hf_dir)
+  start = multihost_worker.train_stack(hf_dir, steps=0)
+  assert stack_multi.keys() == stack_single.keys() and len(stack_single) == 6
+  for key in stack_single:
+    np.testing.assert_allclose(stack_multi[key], stack_single[key], rtol=1e-5, atol=1e-7,
+                               err_msg=key)
+    assert not np.array_equal(stack_single[key], start[key]), key  # every stacked leaf trained
   merged_multi = load_file(out / "merged" / "model.safetensors")
   merged_single = load_file(tmp_path / "single" / "model.safetensors")
   assert merged_multi.keys() == merged_single.keys() and len(merged_single) == 21
