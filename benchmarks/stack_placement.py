@@ -51,6 +51,7 @@ from fit import abstract_args, per_device_bytes  # noqa: E402  (benchmarks/fit.p
 from lora_jax import sharding, train  # noqa: E402
 from lora_jax.models.llama import Llama, LlamaConfig, config_for  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from mixed import _cost  # noqa: E402  (benchmarks/mixed.py)
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -92,17 +93,8 @@ def placed(mesh, abstract_params, layouts, split: bool):
 
 
 def _figures(compiled, **bytes_of) -> dict:
-  mem = compiled.memory_analysis()
-  out = {f"{f}_bytes": int(getattr(mem, f"{f}_size_in_bytes"))
-         for f in ("argument", "output", "temp", "alias")}
-  out["total_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
-                        - out["alias_bytes"])
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out.update(flops=float(cost.get("flops", 0.0)),
-             collective_bytes=sharding.collective_bytes(compiled.as_text()),
-             **{f"{k}_bytes": per_device_bytes(v) for k, v in bytes_of.items()})
-  return out
+  return dict(_cost(compiled), collective_bytes=sharding.collective_bytes(compiled.as_text()),
+              **{f"{k}_bytes": per_device_bytes(v) for k, v in bytes_of.items()})
 
 
 def compile_both(model_config: LlamaConfig, k: int, rank: int, batch: int, seq: int) -> dict:
