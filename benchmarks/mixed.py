@@ -81,7 +81,7 @@ import optax  # noqa: E402
 import lora_jax as lj  # noqa: E402
 from lora_jax import sharding, train  # noqa: E402
 from lora_jax.models import generation as generation_lib, llama as llama_lib  # noqa: E402
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, write_results  # noqa: E402  (benchmarks/machine.py)
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -624,11 +624,8 @@ def main(argv=None) -> dict:
   result["wall_s"] = time.perf_counter() - t_start
   text = markdown(result)
   print(text)
-  out = Path(a.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "mixed.json").write_text(json.dumps(result, indent=1) + "\n")
-  (out / "mixed.md").write_text(text)
-  print(f"wrote {out / 'mixed.json'}, {out / 'mixed.md'}")
+  write_results(a.out, "mixed", result, text)
+  print(f"wrote {Path(a.out) / 'mixed.json'}, {Path(a.out) / 'mixed.md'}")
   return result
 
 

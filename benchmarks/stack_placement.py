@@ -35,7 +35,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -50,7 +49,7 @@ import lora_jax as lj  # noqa: E402
 from fit import abstract_args, per_device_bytes  # noqa: E402  (benchmarks/fit.py)
 from lora_jax import sharding, train  # noqa: E402
 from lora_jax.models.llama import Llama, LlamaConfig, config_for  # noqa: E402
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, write_results  # noqa: E402  (benchmarks/machine.py)
 from mixed import _cost  # noqa: E402  (benchmarks/mixed.py)
 
 HERE = Path(__file__).resolve().parent
@@ -190,10 +189,7 @@ def main(argv=None) -> dict:
   result["wall_s"] = time.perf_counter() - t0
   text = markdown(result)
   print(text)
-  out = Path(a.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "stack_placement.json").write_text(json.dumps(result, indent=1) + "\n")
-  (out / "stack_placement.md").write_text(text)
+  write_results(a.out, "stack_placement", result, text)
   return result
 
 
