@@ -22,7 +22,7 @@ QLoRA: the same LoRA on a frozen NF4 base (the same float weights quantized;
 the output head, embeddings and norms stay float32), dequantized to float32
 in the step:
 
-  lora_jax_nf4  `lora_jax.quantize.quantize_params(base, 'nf4')`: blocks of 64
+  lora_jax_nf4  `lora_jax.quantized_base.quantize_params(base, 'nf4')`: blocks of 64
                 weights along the input axis, double quantization (8-bit
                 absmax codes), bit-exact with bitsandbytes; then as lora_jax
   qwix_nf4      `qwix.LoraProvider(..., weight_qtype='nf4', tile_size=64)` and
@@ -203,13 +203,13 @@ def build_lora_jax(spec: dict, quantize: str | None = None):
   config = lj.LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], targets=list(TARGETS))
   model = lj.inject(llama, config)
   if quantize:
-    base = lq.quantize_params(base, quantize)
+    base = lj.quantize_params(base, quantize)
   params = lj.init_adapters(model, base, jax.random.key(1), ids)
   del base
   ref = jax.jit(model.apply)({"params": params}, ids)  # jitted: eager ops compile one by one
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]  # boxed: shardings
   if quantize:
-    abstract = jax.eval_shape(functools.partial(lq.quantize_params, format=quantize), abstract)
+    abstract = jax.eval_shape(functools.partial(lj.quantize_params, format=quantize), abstract)
   tx = lj.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY), lj.split(params)[0], config)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   t = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract, config)

@@ -10,7 +10,7 @@ the params' dtype) on the same mesh and batch.
 
 QLoRA: with `--quantize nf4|int4|int8` (and `--quantize-block`) the frozen
 base's linear kernels (all but `lm_head`) are quantized as `lora-jax train`
-quantizes them (`lora_jax.quantize.quantize_params` under `jax.eval_shape` on
+quantizes them (`lora_jax.quantized_base.quantize_params` under `jax.eval_shape` on
 the boxed abstract params, so codes and statistics keep the kernels' logical
 axes and shard like them), and the LoRA step is compiled on that base. Full
 fine-tuning of a quantized base is not possible; the comparison is then the
@@ -297,7 +297,7 @@ def analyse_step(model: nn.Module, config: lora_jax.LoRAConfig, mesh, a,
   float_base = lora_jax.split(nn.unbox(abstract_params), config)[1]
   if quantize_format is not None:
     abstract_params = jax.eval_shape(
-        functools.partial(quantize.quantize_params, format=quantize_format,
+        functools.partial(lora_jax.quantize_params, format=quantize_format,
                           block=quantize_block), abstract_params)
   tx = optax.adamw(1e-4)
   ts = train.make_train_step(train.causal_lm_loss(model), tx, mesh, abstract_params, config,

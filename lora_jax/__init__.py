@@ -7,14 +7,15 @@ from lora_jax.inject import init_adapters, inject, layouts, quantized_model, tar
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.layout import Layout
 from lora_jax.optim import optimizer
-from lora_jax.quantize import (QuantizedKernel, dequantize_params, quantize_params,
-                               requantize_like)
+from lora_jax.quantize import QuantizedKernel
+from lora_jax.quantized_base import dequantize_params, quantize_params, requantize_like
 from lora_jax.mixed import StackSpec
 from lora_jax.stack import AdapterStack, stack_adapters
 from lora_jax.tree import combine, count, merge, partition, split, summary
 from lora_jax.unmerge import merge_reversibly, unmerge
 
-from lora_jax import distributed, hf, quantize, sharding, train  # noqa: E402  (modules: lj.sharding.make_mesh, ...)
+# Modules: lj.sharding.make_mesh, ...
+from lora_jax import distributed, hf, quantize, quantized_base, sharding, train  # noqa: E402
 
 __version__ = "0.1.0"
 

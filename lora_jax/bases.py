@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lora_jax import data, models, sharding
-from lora_jax.quantize import quantize_params
+from lora_jax.quantized_base import quantize_params
 
 ASSETS = resources.files("lora_jax") / "assets"
 RUN_OPTIONS = ("scan_layers", "remat", "dtype", "param_dtype")

@@ -167,7 +167,7 @@ def load_base(directory, *, shardings: Any = None) -> dict:
   Args:
     directory: a `save_base` directory.
     shardings: a tree of shardings shaped like the params (for quantized
-      kernels, `lora_jax.quantize.quantized_shardings`): each host reads only
+      kernels, `lora_jax.quantized_base.quantized_shardings`): each host reads only
       its shards. Without it the params come whole onto this process's first
       device, whatever devices wrote them.
 

@@ -23,7 +23,8 @@ from lora_jax.config import AdapterSpec
 from lora_jax.layout import (
     Contraction, Layout, dense_contraction, dense_general_contraction, einsum_contraction,
     layout_of, read_layout)
-from lora_jax.quantize import axes_of, dequantize, is_quantized
+from lora_jax.quantize import dequantize, is_quantized
+from lora_jax.quantized_base import axes_of
 
 
 def merged_kernel(kernel, lora_a, lora_b, scale: float, lora_magnitude=None,
@@ -269,7 +270,7 @@ def base_output(module: nn.Module, contraction: Contraction, inputs: jax.Array,
 def _gathered(kernel: Any, names: Sequence[str | None] | None) -> Any:
   """A quantized kernel's codes and block statistics gathered over the `fsdp` mesh axis
   (under the step's logical axis rules, its logical axis `names` from
-  `lora_jax.quantize.kernel_axes`): FSDP gathers a kernel for its matmul, and this
+  `lora_jax.quantized_base.kernel_axes`): FSDP gathers a kernel for its matmul, and this
   way 4 or 8 bits a weight cross the wire, not the dequantized compute dtype."""
   rules = nn.get_logical_axis_rules()
   if not rules or names is None or len(names) < kernel.codes.ndim:

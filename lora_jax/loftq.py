@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoRAConfig, PathRule
-from lora_jax.quantize import DEFAULT_EXCLUDE, QuantizedKernel, quantize, stack
+from lora_jax.quantize import QuantizedKernel, quantize, stack
+from lora_jax.quantized_base import DEFAULT_EXCLUDE
 
 
 def _low_rank(residual: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

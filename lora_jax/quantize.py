@@ -3,7 +3,8 @@
 QLoRA's base format. `quantize(kernel, 'nf4')` gives a `QuantizedKernel`, a
 small pytree of packed codes and statistics that `dequantize` turns back
 into a dense array (inside a jitted step, block by block, in the compute
-dtype); `quantize_params` does it to the selected kernels of a param tree.
+dtype); `lora_jax.quantized_base` applies it to the selected kernels of a param
+tree.
 
 Layout: a kernel is `(..., in, out)` (a Dense kernel, stacked or not); its
 blocks run along the input axis, one column at a time, which is torch's
@@ -34,10 +35,8 @@ True
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -46,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lora_jax.config import PathRule, join_path
 
 FORMATS = ("nf4", "int4", "int8")
 NF4_LEVELS = np.array([
@@ -55,7 +53,6 @@ NF4_LEVELS = np.array([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 DOUBLE_BLOCK = 256  # QLoRA's block of absmax values
-DEFAULT_EXCLUDE = ("lm_head",)  # the output head stays in its dtype
 
 
 def dynamic_map() -> np.ndarray:
@@ -322,113 +319,9 @@ def dequantize(x: Any, dtype: Any = None) -> Any:
   return x.dequantize(dtype) if isinstance(x, QuantizedKernel) else x
 
 
-_KERNEL_AXES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "quantized_kernel_axes", default=None)
-
-
-def quantized_axes(params: Any) -> dict[str, tuple | None]:
-  """Module path -> logical axis names of each quantized kernel of boxed `params`."""
-  names = {}
-  for kp, x in jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)):
-    if isinstance(x, nn.meta.AxisMetadata) and is_quantized(getattr(x, "value", None)):
-      names[join_path(kp).rsplit("/", 1)[0]] = getattr(x, "names", None)
-  return names
-
-
-@contextlib.contextmanager
-def kernel_axes(names: dict[str, tuple | None]) -> Iterator[None]:
-  """Within: the layers that run on quantized kernels know their logical axis names
-  (`quantized_axes`; read with `axes_of`).
-
-  A train step holds unboxed params; with the names, a layer gathers its kernel's codes
-  over the `fsdp` mesh axis before dequantizing, as FSDP gathers a float kernel, so 4 or 8
-  bits a weight cross the wire instead of the compute dtype.
-  """
-  token = _KERNEL_AXES.set(names)
-  try:
-    yield
-  finally:
-    _KERNEL_AXES.reset(token)
-
-
-def axes_of(module_path: str) -> tuple | None:
-  """The logical axis names of the quantized kernel at `module_path` (see `kernel_axes`)."""
-  return (_KERNEL_AXES.get() or {}).get(module_path)
-
-
 def is_quantized(x: Any) -> bool:
   """Whether `x` is a `QuantizedKernel` (a leaf for tree maps with `is_leaf`)."""
   return isinstance(x, QuantizedKernel)
-
-
-def selector(paths: Sequence[str], targets: Sequence[str] = (".*",),
-             exclude: Sequence[str] = DEFAULT_EXCLUDE) -> Callable[[str], bool]:
-  """Which of the param `paths` are kernels to quantize: `kernel` leaves whose module
-  path has a trailing run matching a `targets` regex and none of `exclude`'s.
-
-  Raises:
-    ValueError: for a rule that selects no kernel among `paths`.
-  """
-  take = [PathRule.suffix("targets", t) for t in targets]
-  skip = [PathRule.suffix("exclude", e) for e in exclude]
-  modules = [p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel")]
-  # The default exclusion may match nothing: models with tied embeddings have no head.
-  for rule in take + (skip if tuple(exclude) != DEFAULT_EXCLUDE else []):
-    if not any(rule.matches(m) for m in modules):
-      raise ValueError(f"quantize {rule} matches no kernel; kernels: {modules[:8]}")
-
-  def selected(path: str) -> bool:
-    module = path.rsplit("/", 1)[0]
-    return (path.endswith("/kernel") and any(r.matches(module) for r in take)
-            and not any(r.matches(module) for r in skip))
-
-  return selected
-
-
-def quantize_params(params: Mapping, format: str = "nf4", *,  # noqa: A002
-                    targets: Sequence[str] = (".*",), exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                    block: int | None = None, double: bool = True,
-                    shardings: Any = None) -> dict:
-  """The param tree with its selected kernels quantized (a frozen QLoRA base).
-
-  Only `kernel` leaves are candidates: embeddings, norms and biases keep
-  their dtype. A kernel's metadata box (its logical axis names) now holds
-  its `QuantizedKernel`, so `lora_jax.param_shardings` shards it. Rules are
-  regexes over a trailing run of a kernel's module path (as
-  `LoRAConfig.trainable`'s), `exclude` winning; by default every kernel but
-  the output head. Works on abstract params too (`jax.eval_shape`).
-
-  Args:
-    shardings: the float params' shardings (a tree like the unboxed params):
-      each kernel is quantized where it lies, into codes and statistics
-      sharded like it (see `quantize`).
-
-  Raises:
-    ValueError: for a tree that already holds quantized kernels, a rule that
-      selects no kernel, or a kernel `quantize` refuses (naming it).
-  """
-  plain = nn.unbox(params)
-  leaves = jax.tree_util.tree_leaves_with_path(plain, is_leaf=is_quantized)
-  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata) or is_quantized(x)
-  done = [join_path(kp) for kp, x in leaves if is_quantized(x)]
-  if done:
-    raise ValueError(f"the params are already quantized (e.g. {done[0]}); quantize the float "
-                     "base once")
-  selected = selector([join_path(kp) for kp, _ in leaves], targets, exclude)
-  placement = {} if shardings is None else {
-      join_path(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(shardings)}
-
-  def one(kp, x):
-    path = join_path(kp)
-    if not selected(path):
-      return x
-    quantized = quantize(x, format, block=block, double=double, name=path,
-                         sharding=placement.get(path))
-    # A kernel's logical axis names stay on it: its codes and statistics shard by them.
-    return x.replace_boxed(quantized) if isinstance(x, nn.meta.AxisMetadata) else quantized
-
-  return jax.tree_util.tree_map_with_path(one, dict(params), is_leaf=boxed)
 
 
 def stack(parts: Sequence[QuantizedKernel], sharding: QuantizedKernel | None = None
@@ -441,63 +334,6 @@ def stack(parts: Sequence[QuantizedKernel], sharding: QuantizedKernel | None = N
   stacked = jax.jit(lambda *xs: jax.tree.map(lambda *a: jnp.stack(a), *xs),
                     out_shardings=out)(*arrays)
   return parts[0].replace(**dict(zip(fields, stacked)))
-
-
-def footprint(params: Any) -> dict[str, int]:
-  """What a param tree stores (arrays or `jax.ShapeDtypeStruct`s): `bytes` and `weights` in
-  all, and `quantized_bytes` and `quantized_weights` of its quantized kernels."""
-  out = dict.fromkeys(("bytes", "weights", "quantized_bytes", "quantized_weights"), 0)
-  for x in jax.tree.leaves(nn.unbox(params), is_leaf=is_quantized):
-    weights = int(np.prod(x.shape))
-    stored = x.nbytes if is_quantized(x) else weights * np.dtype(x.dtype).itemsize
-    out["bytes"] += stored
-    out["weights"] += weights
-    if is_quantized(x):
-      out["quantized_bytes"] += stored
-      out["quantized_weights"] += weights
-  return out
-
-
-def requantize_like(params: Mapping, like: Mapping) -> tuple[dict, dict[str, float]]:
-  """Merge path (b): the kernels of a dense tree (e.g. `lora_jax.merge` of adapters on a
-  quantized base) quantized again wherever `like` (that base) holds a `QuantizedKernel`, in
-  its format, block and double quantization (where each kernel lies).
-
-  Returns:
-    `(params, errors)`: the tree, and per requantized kernel the error requantizing
-    added, `||Q(M) - M||_F / ||M||_F` of the merged kernel M.
-
-  Raises:
-    ValueError: when a quantized kernel of `like` is missing from `params`.
-  """
-  reference = {join_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(
-      nn.unbox(like), is_leaf=is_quantized) if is_quantized(x)}
-  plain = nn.unbox(params)
-  present = {join_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(plain)}
-  missing = sorted(reference.keys() - present)
-  if missing:
-    raise ValueError(f"requantize_like: the params lack quantized kernels of the base, e.g. "
-                     f"'{missing[0]}'")
-  errors = {}
-
-  def one(kp, x):
-    path = join_path(kp)
-    if path not in reference:
-      return x
-    ref, where = reference[path], getattr(x, "sharding", None)
-    q = quantize(x, ref.format, block=ref.block, double=ref.double, name=path,
-                 sharding=where if isinstance(where, jax.sharding.NamedSharding) else None)
-    x32 = jnp.asarray(x, jnp.float32)
-    errors[path] = float(jnp.linalg.norm(q.dequantize(jnp.float32) - x32)
-                         / jnp.maximum(jnp.linalg.norm(x32), 1e-30))
-    return q
-
-  return jax.tree_util.tree_map_with_path(one, plain), errors
-
-
-def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
-  """Every `QuantizedKernel` of a tree dense again (for inspection and merging)."""
-  return jax.tree.map(lambda x: dequantize(x, dtype), nn.unbox(params), is_leaf=is_quantized)
 
 
 def quantized_sharding(q: QuantizedKernel, kernel: jax.sharding.NamedSharding,
@@ -525,18 +361,3 @@ def quantized_sharding(q: QuantizedKernel, kernel: jax.sharding.NamedSharding,
       codes=named(spec), absmax=named(absmax_spec),
       absmax2=None if q.absmax2 is None else named((*lead, None)),
       offset=None if q.offset is None else named(lead))
-
-
-def quantized_shardings(params: Any, shardings: Any) -> Any:
-  """`shardings` of the float params (`lora_jax.param_shardings`) made to fit `params`
-  where they hold quantized kernels: codes and block absmax shard like their kernel, the
-  double-quantization statistics follow its stacked (layer) axes only.
-
-  Raises:
-    ValueError: naming the kernel and mesh axis where a block would straddle shards.
-  """
-  def one(kp, x, s):
-    return quantized_sharding(x, s, join_path(kp)) if is_quantized(x) else s
-
-  return jax.tree_util.tree_map_with_path(one, nn.unbox(params), shardings,
-                                          is_leaf=is_quantized)

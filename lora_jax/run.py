@@ -35,7 +35,7 @@ from lora_jax.inject import init_adapters, inject, targets
 from lora_jax.loftq import loftq_params
 from lora_jax.optim import optimizer
 from lora_jax.recipe import RunConfig
-from lora_jax.quantize import dequantize_params, footprint
+from lora_jax.quantized_base import dequantize_params, footprint
 from lora_jax.tree import combine, count, merge, split
 
 

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lora_jax.config import LoRAConfig
 from lora_jax.layout import Layout
-from lora_jax.quantize import kernel_axes, quantized_axes
+from lora_jax.quantized_base import kernel_axes, quantized_axes
 from lora_jax.sharding import (
     DEFAULT_RULES, batch_sharding, follow_params, param_shardings, replicated)
 from lora_jax.tree import check_trainable_rules, combine, split

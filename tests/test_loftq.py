@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax import bases, loftq as lq, quantize as q
+from lora_jax import bases, loftq as lq, quantize as q, quantized_base as qb
 from lora_jax.models.llama import Llama, config_for
 from lora_jax.recipe import ModelSection
 
@@ -51,7 +51,7 @@ def test_a_loftq_start_is_closer_to_the_float_model(scan):
   model = lj.inject(llama, lora)
   fresh = lj.init_adapters(model, base, jax.random.key(2), IDS)
   started = lq.loftq_params(fresh, lora, "nf4", iters=2)
-  plain = lj.init_adapters(model, q.quantize_params(base, "nf4"), jax.random.key(2), IDS)
+  plain = lj.init_adapters(model, qb.quantize_params(base, "nf4"), jax.random.key(2), IDS)
   reference = llama.apply({"params": base}, IDS)
   gap = lambda p: float(jnp.abs(model.apply({"params": p}, IDS) - reference).mean())
   assert gap(started) < 0.8 * gap(plain)

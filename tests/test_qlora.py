@@ -12,7 +12,7 @@ import pytest
 
 import host_random
 import lora_jax as lj
-from lora_jax import quantize as q
+from lora_jax import quantize as q, quantized_base as qb
 from lora_jax.layers import LoRADense, LoRADenseGeneral, LoRAEinsum
 from lora_jax.models.llama import Llama, config_for, stack_layers
 
@@ -41,8 +41,8 @@ def test_quantized_base_gives_the_dequantized_base_outputs_and_gradients(base, f
   config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
   llama = Llama(dataclasses.replace(TINY, scan_layers=scan))
   plain = stack_layers(base) if scan else base
-  quantized = q.quantize_params(plain, fmt)
-  dense = q.dequantize_params(quantized)
+  quantized = qb.quantize_params(plain, fmt)
+  dense = qb.dequantize_params(quantized)
   model = lj.inject(llama, config)
   adapters, _ = lj.split(trained(lj.init_adapters(model, dense, jax.random.key(2), IDS)), config)
 
@@ -93,7 +93,7 @@ def test_dense_general_and_einsum_layers_on_quantized_kernels(make, x_shape):
 def test_bfloat16_compute_dequantizes_to_bfloat16(base):
   config = lj.LoRAConfig(rank=4, alpha=8, targets=["q_proj"])
   model = lj.inject(Llama(dataclasses.replace(TINY, dtype=jnp.bfloat16)), config)
-  quantized = q.quantize_params(base, "nf4")
+  quantized = qb.quantize_params(base, "nf4")
   params = lj.init_adapters(model, quantized, jax.random.key(2), IDS)
   logits = jax.jit(model.apply)({"params": params}, IDS)
   assert np.isfinite(np.asarray(logits)).all()
@@ -104,9 +104,9 @@ def test_bfloat16_compute_dequantizes_to_bfloat16(base):
 def test_tree_functions_see_a_quantized_kernel_as_its_weights(base):
   config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
   model = lj.inject(Llama(TINY), config)
-  quantized = q.quantize_params(base, "nf4")
+  quantized = qb.quantize_params(base, "nf4")
   params = trained(lj.init_adapters(model, quantized, jax.random.key(1), IDS))
-  dense = q.dequantize_params(params)
+  dense = qb.dequantize_params(params)
   assert lj.count(params, config) == lj.count(dense, config)
   adapters, frozen = lj.split(params, config)
   assert q.is_quantized(nn.unbox(frozen)["layers_0"]["mlp"]["up_proj"]["kernel"])
@@ -129,8 +129,8 @@ def test_sharded_quantized_base_equals_unsharded(base):
   model = lj.inject(llama, config)
   mesh = lj.sharding.make_mesh(1, 8, 1)
   boxed = jax.eval_shape(llama.init, jax.random.key(0), IDS)["params"]
-  quantized = q.quantize_params(base, "nf4", block=8)
-  shardings = q.quantized_shardings(quantized, lj.sharding.param_shardings(boxed, mesh))
+  quantized = qb.quantize_params(base, "nf4", block=8)
+  shardings = qb.quantized_shardings(quantized, lj.sharding.param_shardings(boxed, mesh))
   # The boxed quantized tree shards itself the same way.
   assert shardings == lj.sharding.param_shardings(quantized, mesh)
   quantized = nn.unbox(quantized)
@@ -143,7 +143,7 @@ def test_sharded_quantized_base_equals_unsharded(base):
   np.testing.assert_allclose(apply(adapters, placed), apply(adapters, quantized),
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="a block would straddle two shards"):
-    q.quantized_shardings(q.quantize_params(base, "nf4", block=32),
+    qb.quantized_shardings(qb.quantize_params(base, "nf4", block=32),
                           lj.sharding.param_shardings(boxed, mesh))
 
 
@@ -153,7 +153,7 @@ def test_a_scanned_step_dequantizes_layer_by_layer_inside_the_loop():
   config = dataclasses.replace(TINY, scan_layers=True, remat="full", num_layers=3)
   llama = Llama(config)
   ids = jnp.zeros((2, 16), jnp.int32)
-  quantized = q.quantize_params(llama.init(jax.random.key(0), ids)["params"], "nf4")
+  quantized = qb.quantize_params(llama.init(jax.random.key(0), ids)["params"], "nf4")
   lora = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
   model = lj.inject(llama, lora)
   adapters, frozen = lj.split(lj.init_adapters(model, quantized, jax.random.key(1), ids), lora)
@@ -168,7 +168,7 @@ def test_a_scanned_step_dequantizes_layer_by_layer_inside_the_loop():
 
 def test_a_quantized_base_round_trips_through_orbax_bit_exactly(base, tmp_path):
   from lora_jax import checkpoint
-  mixed = nn.unbox(q.quantize_params(stack_layers(base), "nf4", block=8,
+  mixed = nn.unbox(qb.quantize_params(stack_layers(base), "nf4", block=8,
                                       exclude=("lm_head", "q_proj")))
   mixed["lm_head"]["kernel"] = q.quantize(base["lm_head"]["kernel"], "int8")
   checkpoint.save_base(tmp_path / "base", mixed)
@@ -180,7 +180,7 @@ def test_a_quantized_base_round_trips_through_orbax_bit_exactly(base, tmp_path):
   mesh = lj.sharding.make_mesh(1, 8, 1)
   boxed = jax.eval_shape(Llama(dataclasses.replace(TINY, scan_layers=True)).init,
                          jax.random.key(0), IDS)["params"]
-  shardings = q.quantized_shardings(mixed, lj.sharding.param_shardings(boxed, mesh))
+  shardings = qb.quantized_shardings(mixed, lj.sharding.param_shardings(boxed, mesh))
   placed = checkpoint.load_base(tmp_path / "base", shardings=shardings)
   codes = placed["layers"]["mlp"]["down_proj"]["kernel"].codes
   assert codes.sharding == shardings["layers"]["mlp"]["down_proj"]["kernel"].codes
@@ -198,7 +198,7 @@ def test_a_train_step_on_a_sharded_quantized_base_equals_one_device(base):
   from lora_jax import train
   config = lj.LoRAConfig(rank=4, alpha=8, targets="all-linear")
   model = lj.inject(Llama(TINY), config)
-  quantized = q.quantize_params(base, "nf4", block=8)
+  quantized = qb.quantize_params(base, "nf4", block=8)
   params = lj.init_adapters(model, quantized, jax.random.key(2), IDS)
   ids = jax.random.randint(jax.random.key(3), (8, 8), 0, 320)
   batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}

@@ -19,7 +19,7 @@ import tiny_hf
 from cli_runner import lora_jax
 
 import lora_jax as lj
-from lora_jax import bases, checkpoint, quantize as q, serve, sharding
+from lora_jax import bases, checkpoint, quantize as q, quantized_base as qb, serve, sharding
 from lora_jax.hf.checkpoints import load_llama
 from lora_jax.recipe import ModelSection
 
@@ -116,7 +116,7 @@ def test_the_quantized_base_is_bitsandbytes_nf4(ckpt):
 def test_loading_quantizes_on_the_mesh_as_quantize_params_does(ckpt, scan):
   mesh = sharding.make_mesh(1, 8, 1)
   _, dense = load_llama(ckpt, scan_layers=scan)
-  expected = q.quantize_params(dense, "nf4", block=8)
+  expected = qb.quantize_params(dense, "nf4", block=8)
   _, loaded = load_llama(ckpt, scan_layers=scan, mesh=mesh, quantize="nf4", quantize_block=8)
   leaves = lambda t: jax.tree_util.tree_leaves_with_path(t, is_leaf=q.is_quantized)
   kinds = 0
@@ -189,7 +189,7 @@ def test_merge_quantize_block_takes_effect(ckpt, qlora, tmp_path):
   _, dense = bases.resolve(ModelSection(base=f"hf:{ckpt}")).load()
   merged = {}
   for block in (32, 64):
-    quantized = q.quantize_params(dense, "nf4", block=block)
+    quantized = qb.quantize_params(dense, "nf4", block=block)
     adapters, config = serve.load_adapter(out / "adapter", quantized)
     merged[block] = lj.merge(lj.combine(adapters, quantized), config)
   from safetensors.numpy import load_file
@@ -203,7 +203,7 @@ def test_requantizing_a_merge_reports_the_error_it_adds(ckpt, qlora):
   base = bases.resolve(ModelSection(base=f"hf:{ckpt}"))
   _, dense = base.load()
   for double in (False, True):
-    quantized = q.quantize_params(dense, "nf4", double=double)
+    quantized = qb.quantize_params(dense, "nf4", double=double)
     adapters, config = serve.load_adapter(qlora[0] / "adapter", quantized)
     zero = jax.tree.map(jnp.zeros_like, adapters)
     # Zero adapters: the merge is the dequantized base, which requantizes to itself.
@@ -260,7 +260,7 @@ def test_a_loftq_start_is_nearer_the_float_model_than_plain_nf4(ckpt, loftq):
   ids = jnp.asarray(ids_of(ckpt))
   reference = model.apply({"params": dense}, ids)
   injected = lj.inject(model, config)
-  plain = lj.init_adapters(injected, q.quantize_params(dense, "nf4"), jax.random.key(0), ids)
+  plain = lj.init_adapters(injected, qb.quantize_params(dense, "nf4"), jax.random.key(0), ids)
   gap = lambda p: float(jnp.abs(injected.apply({"params": p}, ids) - reference).mean())
   assert gap(start) < 0.8 * gap(plain)
 
@@ -274,7 +274,7 @@ def test_info_shows_the_stored_bytes_beside_bfloat16(ckpt):
   # 14 kernels of 64 x 64 ... at 4.5 bits (absmax per 64 weights, 256-groups padded), the
   # embeddings and head in float32.
   _, dense = bases.resolve(ModelSection(base=f"hf:{ckpt}")).load()
-  footprint = q.footprint(q.quantize_params(dense, "nf4"))
+  footprint = qb.footprint(qb.quantize_params(dense, "nf4"))
   assert float(stored) == pytest.approx(footprint["bytes"] / 2**20, abs=0.01)
   assert float(bits) == pytest.approx(8 * footprint["quantized_bytes"]
                                       / footprint["quantized_weights"], abs=1e-3)

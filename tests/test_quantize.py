@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_jax import quantize as q
+from lora_jax import quantize as q, quantized_base as qb
 from lora_jax.models.llama import Llama, config_for
 
 RNG = np.random.default_rng(0)
@@ -110,16 +110,16 @@ def test_stacked_kernels_quantize_layer_by_layer_and_dequantize_under_jit():
 def test_quantize_params_takes_the_linear_kernels_but_the_head():
   model = Llama(config_for("tiny", vocab_size=320))
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  quantized = q.quantize_params(params, "nf4")
+  quantized = qb.quantize_params(params, "nf4")
   flat = jax.tree_util.tree_leaves_with_path(nn_unbox(quantized), is_leaf=q.is_quantized)
   kinds = {"/".join(k.key for k in kp): type(x).__name__ for kp, x in flat}
   assert kinds["layers_0/self_attn/q_proj/kernel"] == "QuantizedKernel"
   assert kinds["lm_head/kernel"] != "QuantizedKernel"
   assert kinds["embed_tokens/embedding"] != "QuantizedKernel"
-  back = q.dequantize_params(quantized)
+  back = qb.dequantize_params(quantized)
   assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray,
                                                                       nn_unbox(params)))
-  some = nn_unbox(q.quantize_params(params, "int8", targets=["q_proj"]))
+  some = nn_unbox(qb.quantize_params(params, "int8", targets=["q_proj"]))
   assert q.is_quantized(some["layers_1"]["self_attn"]["q_proj"]["kernel"])
   assert not q.is_quantized(some["layers_1"]["self_attn"]["k_proj"]["kernel"])
 
@@ -129,10 +129,10 @@ def test_models_with_tied_embeddings_quantize_by_default():
   model = Llama(config_for("tiny", vocab_size=320, tie_word_embeddings=True))
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   assert "lm_head" not in params
-  quantized = nn_unbox(q.quantize_params(params, "nf4"))
+  quantized = nn_unbox(qb.quantize_params(params, "nf4"))
   assert q.is_quantized(quantized["layers_0"]["mlp"]["down_proj"]["kernel"])
   with pytest.raises(ValueError, match="exclude rule 'lm_head' matches no kernel"):
-    q.quantize_params(params, "nf4", exclude=["lm_head", "q_proj"])
+    qb.quantize_params(params, "nf4", exclude=["lm_head", "q_proj"])
 
 
 def nn_unbox(tree):
@@ -152,6 +152,6 @@ def test_bad_input_is_named():
     q.quantize(np.ones(64, np.float32), "nf4")
   params = {"dense": {"kernel": kernel((128, 8))}}
   with pytest.raises(ValueError, match="already quantized"):
-    q.quantize_params(q.quantize_params(params, exclude=()), exclude=())
+    qb.quantize_params(qb.quantize_params(params, exclude=()), exclude=())
   with pytest.raises(ValueError, match="target 'v_proj' matches no kernel"):
-    q.quantize_params(params, targets=["v_proj"], exclude=())
+    qb.quantize_params(params, targets=["v_proj"], exclude=())

@@ -56,7 +56,8 @@ from lora_jax.models.gemma import MODEL_TYPES as GEMMA_TYPES
 from lora_jax.models.gemma import GemmaConfig
 from lora_jax.models.llama import LlamaConfig, unstack_layers
 from lora_jax.quantize import quantize as quantize_kernel
-from lora_jax.quantize import quantized_sharding, selector, stack
+from lora_jax.quantize import quantized_sharding, stack
+from lora_jax.quantized_base import selector
 from lora_jax.tree import merge
 
 _LAYER = re.compile(r"(?<![^/])layers_(\d+)(?=/|$)")
@@ -280,7 +281,7 @@ def load_llama(directory, *, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh |
     quantize: 'nf4' (double-quantized), 'int4' or 'int8': a QLoRA base. Each
       linear kernel but the output head is quantized as it is read, one
       layer's tensor at a time on the devices that hold it (see
-      `lora_jax.quantize.quantize_params`), so the full-precision model never
+      `lora_jax.quantized_base.quantize_params`), so the full-precision model never
       exists whole in device memory. None or 'none': float params.
     quantize_block: weights per block along the input axis (default 64).
     **overrides: other `LlamaConfig` fields, e.g. `scan_layers=True`,
